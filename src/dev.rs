@@ -1,0 +1,120 @@
+//! `serve --dev`: a development keystore in `./localkms-dev/`, created on first run.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use time::OffsetDateTime;
+
+use crate::keystore::{self, Keystore, KeystoreError, RootKey};
+
+/// Directory `serve --dev` uses, relative to the working directory.
+pub const DEV_DIR: &str = "localkms-dev";
+
+/// The files of a development setup.
+pub struct DevSetup {
+    /// Absolute directory.
+    pub dir: PathBuf,
+    /// Root key file.
+    pub root_key_file: PathBuf,
+    /// Keystore file.
+    pub keystore: PathBuf,
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Whether this run created the keystore.
+    pub created: bool,
+}
+
+/// Creates (or reuses) `dir` (0700) with a root key and a keystore holding one primary KEK.
+pub fn prepare(dir: &Path) -> Result<DevSetup, KeystoreError> {
+    let io = |source| KeystoreError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let dir = std::fs::canonicalize(dir).map_err(io)?;
+    let root_key_file = dir.join("root.key");
+    let keystore_path = dir.join("keystore.lkms");
+    let (root, _) = RootKey::load_or_create(&root_key_file)?;
+    let created = if keystore_path.exists() {
+        false
+    } else {
+        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc())?;
+        keystore::create(&keystore_path, &root, &ks)?;
+        true
+    };
+    Ok(DevSetup {
+        socket: dir.join("kms.sock"),
+        root_key_file,
+        keystore: keystore_path,
+        dir,
+        created,
+    })
+}
+
+/// The loud warning and the EncryptionConfiguration to paste, printed at dev start-up.
+pub fn banner(setup: &DevSetup) -> String {
+    format!(
+        r#"
+################################################################################
+#  localkms DEVELOPMENT MODE: NOT FOR PRODUCTION                               #
+#  The root key sits unprotected beside the keystore in                        #
+#  {dir}
+#  Anyone who can read that directory can decrypt everything sealed with it.   #
+################################################################################
+{state} keystore: {keystore}
+root key file:    {root}
+
+EncryptionConfiguration for kube-apiserver (--encryption-provider-config):
+
+apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets]
+    providers:
+      - kms:
+          apiVersion: v2
+          name: localkms
+          endpoint: unix://{socket}
+          timeout: 3s
+      - identity: {{}}
+"#,
+        dir = setup.dir.display(),
+        state = if setup.created { "created" } else { "reusing" },
+        keystore = setup.keystore.display(),
+        root = setup.root_key_file.display(),
+        socket = setup.socket.display(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn prepare_creates_then_reuses() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("dev");
+        let first = prepare(&dir).expect("first");
+        assert!(first.created);
+        assert_eq!(std::fs::metadata(&dir).expect("stat").mode() & 0o777, 0o700);
+        let root = RootKey::load(&first.root_key_file).expect("root");
+        let id = keystore::load(&first.keystore, &root)
+            .expect("load")
+            .primary()
+            .expect("primary")
+            .id
+            .clone();
+        let second = prepare(&dir).expect("second");
+        assert!(!second.created);
+        let again = keystore::load(&second.keystore, &root).expect("load");
+        assert_eq!(again.primary().expect("primary").id, id);
+        let text = banner(&second);
+        assert!(text.contains("NOT FOR PRODUCTION"));
+        assert!(text.contains(&format!("endpoint: unix://{}", second.socket.display())));
+    }
+}

@@ -1,0 +1,270 @@
+//! The in-memory, read-only view of the keystore that the RPC hot path uses.
+//!
+//! A reload builds a whole new [`Keyring`] and swaps it in with one atomic pointer store
+//! ([`SharedKeyring`]); requests load the current pointer without a lock and never touch disk.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use zeroize::Zeroizing;
+
+use crate::crypto::envelope::{self, Envelope, EnvelopeError};
+use crate::crypto::SecretKey;
+use crate::key_id::KeyId;
+use crate::keystore::{KeyState, Keystore};
+
+/// Why the keyring refused an Encrypt or Decrypt; the server maps each to a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    /// The ciphertext or plaintext is malformed.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The request's key_id differs from the one inside the ciphertext.
+    #[error(
+        "request key_id {requested:?} does not match the key id {inside} inside the ciphertext"
+    )]
+    KeyIdMismatch {
+        /// What the request said (public, safe to echo; truncated).
+        requested: String,
+        /// What the ciphertext says.
+        inside: KeyId,
+    },
+    /// The request carried no key_id.
+    #[error("request key_id is empty; send the key_id that Encrypt returned with this ciphertext")]
+    MissingKeyId,
+    /// The keystore has never held this KEK.
+    #[error(
+        "key {0} is not in this plugin's keystore (is the keystore from another cluster or node?)"
+    )]
+    UnknownKey(KeyId),
+    /// The KEK exists but is disabled.
+    #[error("key {0} is disabled; `localkms keys enable {0}` makes it decrypt again")]
+    Disabled(KeyId),
+    /// The KEK was destroyed; only its tombstone remains.
+    #[error("key {id} was destroyed at {at}; data sealed under it cannot be recovered")]
+    Destroyed {
+        /// The key.
+        id: KeyId,
+        /// RFC 3339 destruction time.
+        at: String,
+    },
+    /// No primary key is loaded, so nothing can be encrypted.
+    #[error("no primary key is loaded")]
+    NoPrimary,
+}
+
+enum Entry {
+    Usable(SecretKey),
+    Disabled,
+    Destroyed { at: i64 },
+}
+
+/// Every KEK the plugin may use, as of one keystore generation.
+pub struct Keyring {
+    generation: u64,
+    primary: Option<KeyId>,
+    keys: HashMap<KeyId, Entry>,
+    self_test_passed: bool,
+}
+
+impl Keyring {
+    /// Builds a keyring from a loaded keystore, taking its key material without copying it, and
+    /// runs the self-test round trip that Status reports.
+    pub fn from_keystore(ks: Keystore) -> Self {
+        let generation = ks.generation();
+        let mut primary = None;
+        let mut keys = HashMap::new();
+        for rec in ks.into_records() {
+            let entry = match (rec.state, rec.material) {
+                (KeyState::Destroyed, _) | (_, None) => Entry::Destroyed { at: rec.changed_at },
+                (KeyState::Disabled, Some(_)) => Entry::Disabled,
+                (state, Some(key)) => {
+                    if state == KeyState::Primary {
+                        primary = Some(rec.id.clone());
+                    }
+                    Entry::Usable(key)
+                }
+            };
+            keys.insert(rec.id, entry);
+        }
+        let mut ring = Keyring {
+            generation,
+            primary,
+            keys,
+            self_test_passed: false,
+        };
+        ring.self_test_passed = ring.self_test();
+        ring
+    }
+
+    /// An empty keyring: what the server holds before any keystore loaded.
+    pub fn empty() -> Self {
+        Keyring {
+            generation: 0,
+            primary: None,
+            keys: HashMap::new(),
+            self_test_passed: false,
+        }
+    }
+
+    fn self_test(&self) -> bool {
+        let probe = [0x5au8; 32];
+        self.encrypt(&probe)
+            .ok()
+            .and_then(|(ct, id)| self.decrypt(&ct, id.as_str()).ok())
+            .is_some_and(|pt| pt[..] == probe)
+    }
+
+    /// The keystore generation this keyring was built from.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The KEK that encrypts, reported by Status as key_id.
+    pub fn primary_id(&self) -> Option<&KeyId> {
+        self.primary.as_ref()
+    }
+
+    /// Whether Status may say `ok`: a primary is loaded and sealed and opened a probe.
+    pub fn healthy(&self) -> bool {
+        self.primary.is_some() && self.self_test_passed
+    }
+
+    /// Every key id this keyring knows, in any state.
+    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
+        self.keys.keys()
+    }
+
+    /// Whether `id` is present only as a destroyed tombstone.
+    pub fn is_destroyed(&self, id: &KeyId) -> bool {
+        matches!(self.keys.get(id), Some(Entry::Destroyed { .. }))
+    }
+
+    /// Seals `plaintext` under the primary KEK; returns the ciphertext and the primary's id.
+    pub fn encrypt(&self, plaintext: &[u8]) -> Result<(Vec<u8>, &KeyId), KeyringError> {
+        let id = self.primary.as_ref().ok_or(KeyringError::NoPrimary)?;
+        match self.keys.get(id) {
+            Some(Entry::Usable(key)) => Ok((envelope::seal(key, id, plaintext)?, id)),
+            _ => Err(KeyringError::NoPrimary),
+        }
+    }
+
+    /// Opens a ciphertext, refusing when `requested_key_id` differs from the id inside it.
+    pub fn decrypt(
+        &self,
+        ciphertext: &[u8],
+        requested_key_id: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        let env = Envelope::parse(ciphertext)?;
+        if requested_key_id.is_empty() {
+            return Err(KeyringError::MissingKeyId);
+        }
+        if requested_key_id != env.key_id().as_str() {
+            return Err(KeyringError::KeyIdMismatch {
+                requested: requested_key_id.chars().take(80).collect(),
+                inside: env.key_id().clone(),
+            });
+        }
+        self.open(&env)
+    }
+
+    /// Opens a ciphertext whose key id needs no cross-check (KMS v1 carries none).
+    pub fn decrypt_unchecked(&self, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        self.open(&Envelope::parse(ciphertext)?)
+    }
+
+    fn open(&self, env: &Envelope<'_>) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        let id = env.key_id();
+        match self.keys.get(id) {
+            None => Err(KeyringError::UnknownKey(id.clone())),
+            Some(Entry::Disabled) => Err(KeyringError::Disabled(id.clone())),
+            Some(Entry::Destroyed { at }) => Err(KeyringError::Destroyed {
+                id: id.clone(),
+                at: crate::timefmt::rfc3339(*at),
+            }),
+            Some(Entry::Usable(key)) => Ok(env.open(key)?),
+        }
+    }
+}
+
+/// The keyring the server reads, replaced atomically by the reloader.
+#[derive(Clone)]
+pub struct SharedKeyring(Arc<ArcSwap<Keyring>>);
+
+impl SharedKeyring {
+    /// Starts with `ring` loaded.
+    pub fn new(ring: Keyring) -> Self {
+        SharedKeyring(Arc::new(ArcSwap::from_pointee(ring)))
+    }
+
+    /// The current keyring; cheap and lock-free, for every request.
+    pub fn load(&self) -> Arc<Keyring> {
+        self.0.load_full()
+    }
+
+    /// Replaces the keyring in one atomic step; in-flight requests finish on the old one.
+    pub fn store(&self, ring: Keyring) {
+        self.0.store(Arc::new(ring));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::OffsetDateTime;
+
+    fn ring_with_rotation() -> (Keyring, KeyId, KeyId) {
+        let mut ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let old = ks.primary().expect("primary").id.clone();
+        let new = ks.rotate(OffsetDateTime::now_utc()).expect("rotate");
+        (Keyring::from_keystore(ks), old, new)
+    }
+
+    #[test]
+    fn encrypts_under_primary_and_decrypts_retired() {
+        let (ring, old, new) = ring_with_rotation();
+        assert!(ring.healthy());
+        assert_eq!(ring.primary_id(), Some(&new));
+        let (ct, id) = ring.encrypt(b"seed").expect("encrypt");
+        assert_eq!(id, &new);
+        assert_eq!(
+            &ring.decrypt(&ct, new.as_str()).expect("decrypt")[..],
+            b"seed"
+        );
+        assert!(ring.key_ids().any(|k| k == &old));
+    }
+
+    #[test]
+    fn key_id_is_cross_checked() {
+        let (ring, old, new) = ring_with_rotation();
+        let (ct, _) = ring.encrypt(b"seed").expect("encrypt");
+        assert!(matches!(
+            ring.decrypt(&ct, old.as_str()),
+            Err(KeyringError::KeyIdMismatch { .. })
+        ));
+        assert!(matches!(
+            ring.decrypt(&ct, ""),
+            Err(KeyringError::MissingKeyId)
+        ));
+        assert!(ring.decrypt(&ct, new.as_str()).is_ok());
+    }
+
+    #[test]
+    fn unknown_key_is_not_found() {
+        let (ring, _, _) = ring_with_rotation();
+        let (other, _, _) = ring_with_rotation();
+        let (ct, id) = other.encrypt(b"seed").expect("encrypt");
+        assert!(matches!(
+            ring.decrypt(&ct, id.as_str()),
+            Err(KeyringError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn empty_ring_is_unhealthy() {
+        let ring = Keyring::empty();
+        assert!(!ring.healthy());
+        assert!(matches!(ring.encrypt(b"x"), Err(KeyringError::NoPrimary)));
+    }
+}

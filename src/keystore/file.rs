@@ -1,0 +1,356 @@
+//! Reading and writing the keystore file: exclusive lock, atomic replace, backups.
+//!
+//! A write goes to a 0600 temp file in the same directory, is fsynced, renamed over the
+//! keystore, and the directory is fsynced, so a crash at any instant leaves either the old or
+//! the new file. Before the rename the old file is hard-linked to `PATH.bak.GENERATION`; the
+//! newest [`BACKUPS_KEPT`] backups are kept.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use super::format::{self, FormatError, MAX_FILE_LEN};
+use super::model::Keystore;
+use super::root_key::RootKey;
+use super::KeystoreError;
+
+/// How many previous generations stay on disk as `PATH.bak.N`.
+pub const BACKUPS_KEPT: usize = 3;
+/// How long a command waits for another one to release the lock.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> KeystoreError + '_ {
+    move |source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            KeystoreError::NotFound(path.to_owned())
+        } else {
+            KeystoreError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    }
+}
+
+fn format_err(path: &Path, e: FormatError) -> KeystoreError {
+    let path = path.to_owned();
+    match e {
+        FormatError::NotAKeystore => KeystoreError::NotAKeystore(path),
+        FormatError::UnsupportedVersion(version) => KeystoreError::UnsupportedVersion {
+            path,
+            version,
+            supported: format::FORMAT_VERSION,
+        },
+        FormatError::Corrupted(reason) => KeystoreError::Corrupted { path, reason },
+        FormatError::WrongRootKey => KeystoreError::WrongRootKey(path),
+        FormatError::Random => KeystoreError::Crypto(crate::crypto::CryptoError::Random),
+    }
+}
+
+/// Reads and opens the keystore at `path`.
+pub fn load(path: &Path, root: &RootKey) -> Result<Keystore, KeystoreError> {
+    let bytes = read_bounded(path)?;
+    format::decode(&bytes, root).map_err(|e| format_err(path, e))
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    if len > MAX_FILE_LEN {
+        return Err(KeystoreError::Corrupted {
+            path: path.to_owned(),
+            reason: format!("{len} bytes is larger than any keystore ({MAX_FILE_LEN} at most)"),
+        });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_LEN)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(path))?;
+    Ok(bytes)
+}
+
+/// Writes a brand-new keystore at `path`, refusing to replace an existing file.
+pub fn create(path: &Path, root: &RootKey, ks: &Keystore) -> Result<(), KeystoreError> {
+    let _lock = Lock::acquire(path)?;
+    if path.exists() {
+        return Err(KeystoreError::AlreadyExists(path.to_owned()));
+    }
+    write_atomic(path, root, ks, false)
+}
+
+/// Loads the keystore under the lock, lets `change` edit it, and saves it as the next
+/// generation. Nothing is written when `change` fails.
+pub fn update<T>(
+    path: &Path,
+    root: &RootKey,
+    change: impl FnOnce(&mut Keystore) -> Result<T, KeystoreError>,
+) -> Result<T, KeystoreError> {
+    let _lock = Lock::acquire(path)?;
+    let mut ks = load(path, root)?;
+    let out = change(&mut ks)?;
+    ks.generation = ks
+        .generation
+        .checked_add(1)
+        .ok_or_else(|| KeystoreError::Corrupted {
+            path: path.to_owned(),
+            reason: "generation counter overflow".to_owned(),
+        })?;
+    write_atomic(path, root, &ks, true)?;
+    Ok(out)
+}
+
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn write_atomic(
+    path: &Path,
+    root: &RootKey,
+    ks: &Keystore,
+    replace: bool,
+) -> Result<(), KeystoreError> {
+    let bytes = Zeroizing::new(format::encode(ks, root).map_err(|e| format_err(path, e))?);
+    let dir = dir_of(path);
+    let io = io_err(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".localkms-keystore-")
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(&io)?;
+    tmp.write_all(&bytes).map_err(&io)?;
+    tmp.as_file().sync_all().map_err(&io)?;
+    if replace {
+        backup(path, ks.generation.saturating_sub(1));
+        tmp.persist(path).map_err(|e| io(e.error))?;
+    } else {
+        tmp.persist_noclobber(path).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                KeystoreError::AlreadyExists(path.to_owned())
+            } else {
+                io(e.error)
+            }
+        })?;
+    }
+    File::open(dir).and_then(|d| d.sync_all()).map_err(&io)?;
+    Ok(())
+}
+
+/// Hard-links the current file as a backup and prunes old ones. Best effort: a failed backup
+/// must not block a key change, so failures are logged.
+fn backup(path: &Path, generation: u64) {
+    let target = backup_path(path, generation);
+    match std::fs::hard_link(path, &target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            tracing::warn!(backup = %target.display(), error = %e, "could not keep a keystore backup")
+        }
+    }
+    let mut gens: Vec<u64> = backups(path);
+    gens.sort_unstable_by(|a, b| b.cmp(a));
+    for old in gens.into_iter().skip(BACKUPS_KEPT) {
+        let p = backup_path(path, old);
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!(backup = %p.display(), error = %e, "could not prune an old keystore backup");
+        }
+    }
+}
+
+fn backup_path(path: &Path, generation: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".bak.{generation}"));
+    PathBuf::from(name)
+}
+
+/// Generations of the backups beside `path`.
+pub fn backups(path: &Path) -> Vec<u64> {
+    let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{file_name}.bak.");
+    let Ok(entries) = std::fs::read_dir(dir_of(path)) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|g| g.parse().ok())
+        })
+        .collect()
+}
+
+/// An exclusive advisory lock on `PATH.lock`, held for the life of the value.
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    fn open(keystore: &Path) -> Result<(File, PathBuf), KeystoreError> {
+        let mut name = keystore.as_os_str().to_owned();
+        name.push(".lock");
+        let lock_path = PathBuf::from(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        Ok((file, lock_path))
+    }
+
+    /// Takes the lock, waiting up to ten seconds for another holder.
+    pub fn acquire(keystore: &Path) -> Result<Lock, KeystoreError> {
+        let (file, lock_path) = Self::open(keystore)?;
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Lock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(KeystoreError::Locked(keystore.to_owned()))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+            }
+        }
+    }
+
+    /// Takes the lock only if it is free right now.
+    pub fn try_acquire(keystore: &Path) -> Result<Option<Lock>, KeystoreError> {
+        let (file, lock_path) = Self::open(keystore)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Lock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(io_err(&lock_path)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use time::OffsetDateTime;
+
+    fn root() -> RootKey {
+        RootKey::from_bytes([3u8; 32])
+    }
+
+    #[test]
+    fn create_load_update_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keystore");
+        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let first = ks.primary().expect("primary").id.clone();
+        create(&path, &root(), &ks).expect("create");
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").mode() & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            create(&path, &root(), &ks),
+            Err(KeystoreError::AlreadyExists(_))
+        ));
+        let new = update(&path, &root(), |ks| {
+            Ok(ks.rotate(OffsetDateTime::now_utc())?)
+        })
+        .expect("rotate");
+        let loaded = load(&path, &root()).expect("load");
+        assert_eq!(loaded.generation(), 2);
+        assert_eq!(loaded.primary().expect("primary").id, new);
+        assert!(loaded.records().iter().any(|r| r.id == first));
+        assert_eq!(backups(&path), vec![1]);
+        // The backup is the previous generation, still readable.
+        let old = load(&backup_path(&path, 1), &root()).expect("backup");
+        assert_eq!(old.generation(), 1);
+    }
+
+    #[test]
+    fn failed_change_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keystore");
+        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        create(&path, &root(), &ks).expect("create");
+        let before = std::fs::read(&path).expect("read");
+        let result: Result<(), _> = update(&path, &root(), |_| {
+            Err(KeystoreError::Locked(PathBuf::from("refused on purpose")))
+        });
+        assert!(result.is_err());
+        assert_eq!(std::fs::read(&path).expect("read"), before);
+    }
+
+    #[test]
+    fn backups_are_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keystore");
+        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        create(&path, &root(), &ks).expect("create");
+        for _ in 0..6 {
+            update(&path, &root(), |ks| {
+                Ok(ks.rotate(OffsetDateTime::now_utc())?)
+            })
+            .expect("rotate");
+        }
+        let mut gens = backups(&path);
+        gens.sort_unstable();
+        assert_eq!(gens, vec![4, 5, 6]);
+        // No temp files left behind.
+        let leftovers = std::fs::read_dir(dir.path())
+            .expect("readdir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keystore");
+        let err = load(&path, &root()).expect_err("missing");
+        assert!(matches!(err, KeystoreError::NotFound(_)));
+        assert!(err.to_string().contains(&path.display().to_string()));
+
+        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        create(&path, &root(), &ks).expect("create");
+        let err = load(&path, &RootKey::from_bytes([4u8; 32])).expect_err("wrong key");
+        assert!(matches!(err, KeystoreError::WrongRootKey(_)), "{err}");
+
+        let mut bytes = std::fs::read(&path).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("write");
+        assert!(matches!(
+            load(&path, &root()),
+            Err(KeystoreError::WrongRootKey(_))
+        ));
+        std::fs::write(&path, &bytes[..20]).expect("write");
+        assert!(matches!(
+            load(&path, &root()),
+            Err(KeystoreError::Corrupted { .. })
+        ));
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keystore");
+        let held = Lock::acquire(&path).expect("first lock");
+        assert!(Lock::try_acquire(&path).expect("try").is_none());
+        drop(held);
+        assert!(Lock::try_acquire(&path).expect("try").is_some());
+    }
+}

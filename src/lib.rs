@@ -1,0 +1,34 @@
+//! localkms: a Kubernetes KMS v2 plugin that wraps the apiserver's data keys with
+//! key-encryption keys it keeps in a sealed local keystore.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library, so the end-to-end tests and
+//! the benchmarks drive the same code paths the plugin runs.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod client;
+pub mod crypto;
+pub mod dev;
+pub mod key_id;
+pub mod keyring;
+pub mod keystore;
+pub mod reload;
+pub mod server;
+pub mod telemetry;
+pub mod timefmt;
+
+/// Code generated from `proto/` by `build.rs`.
+pub mod proto {
+    /// KMS v2 (`v2.KeyManagementService`).
+    #[allow(missing_docs)]
+    pub mod v2 {
+        tonic::include_proto!("v2");
+    }
+    /// KMS v1 (`v1beta1.KeyManagementService`).
+    #[allow(missing_docs)]
+    pub mod v1beta1 {
+        tonic::include_proto!("v1beta1");
+    }
+}

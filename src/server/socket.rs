@@ -1,0 +1,195 @@
+//! The Unix socket the apiserver connects to: endpoint parsing, safe binding and cleanup.
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixListener;
+
+/// Why the socket cannot be bound. Every message names the path and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Not a Unix socket endpoint.
+    #[error("endpoint {0:?} is not a Unix socket path: use unix:///path/to/kms.sock or /path/to/kms.sock")]
+    BadEndpoint(String),
+    /// Another live server answers on the path.
+    #[error(
+        "another server is already listening on {0}; stop it first or pass a different --socket"
+    )]
+    InUse(PathBuf),
+    /// Something other than a socket occupies the path.
+    #[error("{0} exists and is not a socket; refusing to replace it: remove it or pass a different --socket")]
+    NotASocket(PathBuf),
+    /// Any other I/O failure.
+    #[error("cannot listen on {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Turns an endpoint as written in an EncryptionConfiguration (`unix:///path`) or a plain
+/// path into the socket's filesystem path.
+pub fn parse_endpoint(endpoint: &str) -> Result<PathBuf, SocketError> {
+    let path = match endpoint.strip_prefix("unix://") {
+        Some(rest) => rest,
+        None if endpoint.contains("://") => {
+            return Err(SocketError::BadEndpoint(endpoint.to_owned()))
+        }
+        None => endpoint,
+    };
+    if path.is_empty() || path.contains('\0') {
+        return Err(SocketError::BadEndpoint(endpoint.to_owned()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Removes the socket file when the server stops, unless another server has replaced it.
+pub struct SocketGuard {
+    path: PathBuf,
+    dev_ino: (u64, u64),
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.dev_ino {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(socket = %self.path.display(), error = %e, "could not remove the socket file");
+                }
+            }
+        }
+    }
+}
+
+/// Binds `path` with the given file mode: creates the parent directory (0700) if missing,
+/// removes a stale socket left by a dead process, and refuses a live one or a non-socket file.
+///
+/// The socket is created under a restrictive umask, so it is never reachable with a wider
+/// mode, not even for the instant before `chmod`.
+pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
+    let io = |source| SocketError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+        }
+    }
+    remove_if_stale(path)?;
+    let old_umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(old_umask);
+    let std_listener = bound.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            SocketError::InUse(path.to_owned())
+        } else {
+            io(e)
+        }
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    let guard = SocketGuard {
+        path: path.to_owned(),
+        dev_ino: (meta.dev(), meta.ino()),
+    };
+    std_listener.set_nonblocking(true).map_err(io)?;
+    let listener = UnixListener::from_std(std_listener).map_err(io)?;
+    Ok((listener, guard))
+}
+
+fn remove_if_stale(path: &Path) -> Result<(), SocketError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(SocketError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(SocketError::NotASocket(path.to_owned()));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(SocketError::InUse(path.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!(socket = %path.display(), "removing a stale socket left by a stopped server");
+            std::fs::remove_file(path).map_err(|source| SocketError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        Err(source) => Err(SocketError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            parse_endpoint("unix:///var/run/kms.sock").expect("uri"),
+            PathBuf::from("/var/run/kms.sock")
+        );
+        assert_eq!(
+            parse_endpoint("/var/run/kms.sock").expect("path"),
+            PathBuf::from("/var/run/kms.sock")
+        );
+        assert_eq!(
+            parse_endpoint("kms.sock").expect("relative"),
+            PathBuf::from("kms.sock")
+        );
+        assert!(parse_endpoint("tcp://127.0.0.1:1").is_err());
+        assert!(parse_endpoint("unix://").is_err());
+        assert!(parse_endpoint("").is_err());
+    }
+
+    #[tokio::test]
+    async fn bind_sets_mode_and_guard_removes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub").join("kms.sock");
+        let (listener, guard) = bind(&path, 0o600).expect("bind");
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().expect("parent"))
+            .expect("stat")
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        // A second bind while the first listens is refused.
+        assert!(matches!(bind(&path, 0o600), Err(SocketError::InUse(_))));
+        drop(listener);
+        drop(guard);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn stale_socket_is_replaced_and_files_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kms.sock");
+        let stale = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        drop(stale); // the file stays, nobody listens
+        assert!(path.exists());
+        let (_listener, _guard) = bind(&path, 0o600).expect("stale socket replaced");
+
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, b"x").expect("write");
+        assert!(matches!(
+            bind(&file, 0o600),
+            Err(SocketError::NotASocket(_))
+        ));
+        assert!(file.exists());
+    }
+}

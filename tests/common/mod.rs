@@ -1,0 +1,217 @@
+//! Shared harness for the end-to-end tests: runs the real `localkms` binary on a temp socket.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use localkms::proto::v2::key_management_service_client::KeyManagementServiceClient;
+use localkms::proto::v2::StatusRequest;
+use tonic::transport::Channel;
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_localkms")
+}
+
+/// Runs `localkms ARGS` to completion.
+pub fn localkms(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env_remove("LOCALKMS_SOCKET")
+        .env_remove("LOCALKMS_KEYSTORE")
+        .env_remove("LOCALKMS_ROOT_KEY_FILE")
+        .output()
+        .expect("run localkms")
+}
+
+/// A temp directory with an initialised keystore.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub keystore: PathBuf,
+    pub root_key: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keystore = dir.path().join("keystore.lkms");
+        let root_key = dir.path().join("root.key");
+        let socket = dir.path().join("kms.sock");
+        let out = localkms(&[
+            "init",
+            "--keystore",
+            keystore.to_str().expect("utf8"),
+            "--root-key-file",
+            root_key.to_str().expect("utf8"),
+        ]);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Workspace {
+            dir,
+            keystore,
+            root_key,
+            socket,
+        }
+    }
+
+    pub fn keystore_args(&self) -> [String; 4] {
+        [
+            "--keystore".into(),
+            self.keystore.display().to_string(),
+            "--root-key-file".into(),
+            self.root_key.display().to_string(),
+        ]
+    }
+
+    /// `localkms keys ...` against this keystore.
+    pub fn keys(&self, sub: &[&str]) -> Output {
+        let ks = self.keystore_args();
+        let mut args = vec!["keys"];
+        args.extend_from_slice(sub);
+        args.extend(ks.iter().map(String::as_str));
+        localkms(&args)
+    }
+
+    /// Starts `localkms serve` on this workspace and waits until Status answers.
+    pub fn serve(&self) -> Server {
+        self.serve_with(&[])
+    }
+
+    pub fn serve_with(&self, extra: &[&str]) -> Server {
+        let log = self.dir.path().join(format!("serve-{}.log", rand_suffix()));
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(self.keystore_args())
+            .args(extra);
+        Server::spawn(cmd, self.socket.clone(), log)
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running `localkms serve` child; killed on drop if still running.
+pub struct Server {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn spawn(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn serve");
+        let mut server = Server { child, socket, log };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("server exited early with {status}: {}", self.log_text());
+            }
+            if self.socket.exists() && blocking_status_ok(&self.socket) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not ready: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Sends `signal` (e.g. "TERM") and waits for the exit.
+    pub fn stop(&mut self, signal: &str) -> ExitStatus {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        wait_with_timeout(&mut self.child, Duration::from_secs(15))
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asks Status from a thread of its own, so it works from sync and async tests alike.
+pub fn blocking_status_ok(socket: &Path) -> bool {
+    let endpoint = format!("unix://{}", socket.display());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let Ok(mut c) = client(&endpoint).await else {
+                return false;
+            };
+            matches!(c.status(StatusRequest {}).await, Ok(r) if r.get_ref().healthz == "ok")
+        })
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// A KMS v2 client on `endpoint`.
+pub async fn client(endpoint: &str) -> Result<KeyManagementServiceClient<Channel>, String> {
+    localkms::client::connect(endpoint)
+        .await
+        .map(KeyManagementServiceClient::new)
+        .map_err(|e| e.to_string())
+}
