@@ -138,7 +138,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!(dir = %setup.dir.display(), "DEVELOPMENT MODE: the root key is stored unprotected next to the keystore; not for production");
         let socket = match args.socket {
             Some(s) => server::socket::parse_endpoint(&s)?,
-            None => setup.socket,
+            None => server::socket::Endpoint::Path(setup.socket),
         };
         ServeConfig {
             socket,

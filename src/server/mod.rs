@@ -1,7 +1,10 @@
 //! The gRPC server on the Unix socket: the KMS services, message limits and graceful drain.
 
+pub mod authority;
+pub mod incoming;
 pub mod socket;
 mod status;
+pub mod v1;
 pub mod v2;
 
 use std::future::Future;
@@ -10,13 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::keyring::{Keyring, SharedKeyring};
 use crate::keystore::{self, KeystoreError, RootKey};
+use crate::proto::v1beta1::key_management_service_server::KeyManagementServiceServer as V1Server;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::reload::Reloader;
 pub use status::code_for;
+pub use v1::V1Service;
 pub use v2::{StatusVersion, V2Service};
 
 /// Largest request accepted: a Decrypt with the apiserver's 32 KiB of annotations fits, a
@@ -50,8 +54,9 @@ pub async fn run(
     version: StatusVersion,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let v2 = KeyManagementServiceServer::new(V2Service::new(keyring, version))
+    let v2 = KeyManagementServiceServer::new(V2Service::new(keyring.clone(), version))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let v1 = V1Server::new(V1Service::new(keyring)).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
@@ -59,7 +64,8 @@ pub async fn run(
     };
     let serve = tonic::transport::Server::builder()
         .add_service(v2)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+        .add_service(v1)
+        .serve_with_incoming_shutdown(incoming::accept_stream(listener), signal);
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => result?,
@@ -78,8 +84,8 @@ pub async fn run(
 
 /// Everything `serve` needs.
 pub struct ServeConfig {
-    /// Socket path.
-    pub socket: PathBuf,
+    /// Where to listen.
+    pub socket: socket::Endpoint,
     /// Socket file mode.
     pub socket_mode: u32,
     /// Keystore file.
@@ -110,17 +116,22 @@ pub async fn serve(
     let keyring = SharedKeyring::new(ring);
     let (listener, guard) = socket::bind(&config.socket, config.socket_mode)?;
     tracing::info!(
-        socket = %config.socket.display(),
+        socket = %config.socket,
         keystore = %config.keystore.display(),
         generation,
         primary_key_id = %primary,
         status_version = config.status_version.as_str(),
-        "serving KMS v2"
+        "serving KMS v2 and KMS v1 (v1beta1)"
     );
-    tracing::info!(
-        mode = format_args!("{:04o}", config.socket_mode),
-        "no caller allow-list: the socket file's mode is the only access control"
-    );
+    match &config.socket {
+        socket::Endpoint::Path(_) => tracing::info!(
+            mode = format_args!("{:04o}", config.socket_mode),
+            "no caller allow-list: the socket file's mode is the only access control"
+        ),
+        socket::Endpoint::Abstract(_) => tracing::warn!(
+            "abstract socket without a caller allow-list: any process in this network namespace can connect"
+        ),
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reloader = Reloader::new(config.keystore.clone(), Arc::clone(&root), keyring.clone());
     let mut reload_stop = stop_rx.clone();
@@ -136,6 +147,6 @@ pub async fn serve(
     drop(stop_rx);
     let _ = watcher.await;
     drop(guard);
-    tracing::info!(socket = %config.socket.display(), "stopped; socket removed");
+    tracing::info!(socket = %config.socket, "stopped; socket removed");
     result
 }

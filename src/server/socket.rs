@@ -29,34 +29,85 @@ pub enum SocketError {
     },
 }
 
-/// Turns an endpoint as written in an EncryptionConfiguration (`unix:///path`) or a plain
-/// path into the socket's filesystem path.
-pub fn parse_endpoint(endpoint: &str) -> Result<PathBuf, SocketError> {
-    let path = match endpoint.strip_prefix("unix://") {
-        Some(rest) => rest,
-        None if endpoint.contains("://") => {
-            return Err(SocketError::BadEndpoint(endpoint.to_owned()))
+/// Where the server listens: a socket file, or a Linux abstract socket (no file at all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A filesystem path.
+    Path(PathBuf),
+    /// An abstract socket name (written `@name` or `unix:///@name`).
+    Abstract(String),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Path(p) => write!(f, "{}", p.display()),
+            Endpoint::Abstract(name) => write!(f, "@{name}"),
         }
+    }
+}
+
+impl Endpoint {
+    /// The endpoint as an EncryptionConfiguration writes it.
+    pub fn uri(&self) -> String {
+        match self {
+            Endpoint::Path(p) => format!("unix://{}", p.display()),
+            Endpoint::Abstract(name) => format!("unix:///@{name}"),
+        }
+    }
+
+    /// Connects as a client, for `status`, `check` and the tests.
+    pub fn connect_std(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        match self {
+            Endpoint::Path(p) => std::os::unix::net::UnixStream::connect(p),
+            Endpoint::Abstract(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+                std::os::unix::net::UnixStream::connect_addr(&addr)
+            }
+        }
+    }
+}
+
+/// Parses an endpoint as written in an EncryptionConfiguration (`unix:///path`,
+/// `unix:///@name`) or given plainly (`/path`, `@name`).
+pub fn parse_endpoint(endpoint: &str) -> Result<Endpoint, SocketError> {
+    let bad = || SocketError::BadEndpoint(endpoint.to_owned());
+    let rest = match endpoint.strip_prefix("unix://") {
+        Some(rest) => rest,
+        None if endpoint.contains("://") => return Err(bad()),
         None => endpoint,
     };
-    if path.is_empty() || path.contains('\0') {
-        return Err(SocketError::BadEndpoint(endpoint.to_owned()));
+    if rest.contains('\0') {
+        return Err(bad());
     }
-    Ok(PathBuf::from(path))
+    if let Some(name) = rest.strip_prefix("/@").or_else(|| rest.strip_prefix('@')) {
+        // sun_path holds 108 bytes, one of which marks the name as abstract.
+        if name.is_empty() || name.len() > 107 {
+            return Err(bad());
+        }
+        return Ok(Endpoint::Abstract(name.to_owned()));
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    Ok(Endpoint::Path(PathBuf::from(rest)))
 }
 
 /// Removes the socket file when the server stops, unless another server has replaced it.
 pub struct SocketGuard {
-    path: PathBuf,
-    dev_ino: (u64, u64),
+    file: Option<(PathBuf, (u64, u64))>,
 }
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.dev_ino {
-                if let Err(e) = std::fs::remove_file(&self.path) {
-                    tracing::warn!(socket = %self.path.display(), error = %e, "could not remove the socket file");
+        let Some((path, dev_ino)) = &self.file else {
+            return;
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if (meta.dev(), meta.ino()) == *dev_ino {
+                if let Err(e) = std::fs::remove_file(path) {
+                    tracing::warn!(socket = %path.display(), error = %e, "could not remove the socket file");
                 }
             }
         }
@@ -68,7 +119,36 @@ impl Drop for SocketGuard {
 ///
 /// The socket is created under a restrictive umask, so it is never reachable with a wider
 /// mode, not even for the instant before `chmod`.
-pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
+pub fn bind(endpoint: &Endpoint, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
+    match endpoint {
+        Endpoint::Path(path) => bind_path(path, mode),
+        Endpoint::Abstract(name) => bind_abstract(name),
+    }
+}
+
+/// Abstract sockets have no file: nothing to chmod, nothing stale to remove (the kernel drops
+/// the name with the last listener), and a live name fails to bind.
+fn bind_abstract(name: &str) -> Result<(UnixListener, SocketGuard), SocketError> {
+    use std::os::linux::net::SocketAddrExt;
+    let shown = PathBuf::from(format!("@{name}"));
+    let io = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            SocketError::InUse(shown.clone())
+        } else {
+            SocketError::Io {
+                path: shown.clone(),
+                source,
+            }
+        }
+    };
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).map_err(io)?;
+    let std_listener = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(io)?;
+    std_listener.set_nonblocking(true).map_err(io)?;
+    let listener = UnixListener::from_std(std_listener).map_err(io)?;
+    Ok((listener, SocketGuard { file: None }))
+}
+
+fn bind_path(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
     let io = |source| SocketError::Io {
         path: path.to_owned(),
         source,
@@ -96,8 +176,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), Socke
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     let meta = std::fs::symlink_metadata(path).map_err(io)?;
     let guard = SocketGuard {
-        path: path.to_owned(),
-        dev_ino: (meta.dev(), meta.ino()),
+        file: Some((path.to_owned(), (meta.dev(), meta.ino()))),
     };
     std_listener.set_nonblocking(true).map_err(io)?;
     let listener = UnixListener::from_std(std_listener).map_err(io)?;
@@ -138,20 +217,34 @@ fn remove_if_stale(path: &Path) -> Result<(), SocketError> {
 mod tests {
     use super::*;
 
+    fn path(p: &str) -> Endpoint {
+        Endpoint::Path(PathBuf::from(p))
+    }
+
     #[test]
     fn endpoints_parse() {
         assert_eq!(
             parse_endpoint("unix:///var/run/kms.sock").expect("uri"),
-            PathBuf::from("/var/run/kms.sock")
+            path("/var/run/kms.sock")
         );
         assert_eq!(
             parse_endpoint("/var/run/kms.sock").expect("path"),
-            PathBuf::from("/var/run/kms.sock")
+            path("/var/run/kms.sock")
         );
         assert_eq!(
             parse_endpoint("kms.sock").expect("relative"),
-            PathBuf::from("kms.sock")
+            path("kms.sock")
         );
+        assert_eq!(
+            parse_endpoint("unix:///@kms").expect("abstract uri"),
+            Endpoint::Abstract("kms".into())
+        );
+        assert_eq!(
+            parse_endpoint("@kms").expect("abstract"),
+            Endpoint::Abstract("kms".into())
+        );
+        assert!(parse_endpoint("@").is_err());
+        assert_eq!(Endpoint::Abstract("kms".into()).uri(), "unix:///@kms");
         assert!(parse_endpoint("tcp://127.0.0.1:1").is_err());
         assert!(parse_endpoint("unix://").is_err());
         assert!(parse_endpoint("").is_err());
@@ -161,7 +254,8 @@ mod tests {
     async fn bind_sets_mode_and_guard_removes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub").join("kms.sock");
-        let (listener, guard) = bind(&path, 0o600).expect("bind");
+        let ep = Endpoint::Path(path.clone());
+        let (listener, guard) = bind(&ep, 0o600).expect("bind");
         let meta = std::fs::metadata(&path).expect("stat");
         assert_eq!(meta.mode() & 0o777, 0o600);
         let dir_mode = std::fs::metadata(path.parent().expect("parent"))
@@ -169,7 +263,7 @@ mod tests {
             .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
         // A second bind while the first listens is refused.
-        assert!(matches!(bind(&path, 0o600), Err(SocketError::InUse(_))));
+        assert!(matches!(bind(&ep, 0o600), Err(SocketError::InUse(_))));
         drop(listener);
         drop(guard);
         assert!(!path.exists());
@@ -182,14 +276,29 @@ mod tests {
         let stale = std::os::unix::net::UnixListener::bind(&path).expect("bind");
         drop(stale); // the file stays, nobody listens
         assert!(path.exists());
-        let (_listener, _guard) = bind(&path, 0o600).expect("stale socket replaced");
+        let (_listener, _guard) =
+            bind(&Endpoint::Path(path), 0o600).expect("stale socket replaced");
 
         let file = dir.path().join("not-a-socket");
         std::fs::write(&file, b"x").expect("write");
         assert!(matches!(
-            bind(&file, 0o600),
+            bind(&Endpoint::Path(file.clone()), 0o600),
             Err(SocketError::NotASocket(_))
         ));
         assert!(file.exists());
+    }
+}
+
+#[cfg(test)]
+mod abstract_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn abstract_sockets_bind_connect_and_refuse_a_second_server() {
+        let name = format!("localkms-test-{}", std::process::id());
+        let ep = Endpoint::Abstract(name);
+        let (_listener, _guard) = bind(&ep, 0o600).expect("bind");
+        ep.connect_std().expect("connect");
+        assert!(matches!(bind(&ep, 0o600), Err(SocketError::InUse(_))));
     }
 }

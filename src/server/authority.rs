@@ -1,0 +1,614 @@
+//! The `:authority` shim: lets clients that send a socket path as `:authority` talk to tonic.
+//!
+//! hyper's HTTP/2 layer (h2) resets any request whose `:authority` is not a valid URI
+//! authority. Over a Unix socket, kube-apiserver before kubernetes PR 126930, k3s 1.30,
+//! grpc-java and the C-core gRPC stacks (Python `grpcio` ≥ 1.57, Ruby, PHP) send exactly
+//! that: the socket path, often percent-encoded. This shim sits between the socket and the
+//! HTTP/2 server, reads the client-to-server byte stream frame by frame, HPACK-decodes each
+//! request header block, replaces an unparseable `:authority` with `localhost`, and
+//! re-encodes the block. Every header block is re-encoded through one HPACK encoder, so the
+//! server's decoder state always matches what it receives. All other frames, and the whole
+//! server-to-client direction, pass through untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use zeroize::Zeroize;
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER_LEN: usize = 9;
+/// The server's SETTINGS_MAX_FRAME_SIZE (the HTTP/2 default, which localkms keeps): no
+/// conforming client sends a larger frame, and the shim never emits one.
+pub const MAX_FRAME_LEN: usize = 16_384;
+/// Largest header block the shim will assemble across HEADERS and CONTINUATION frames.
+pub const MAX_HEADER_BLOCK_LEN: usize = 64 * 1024;
+/// The authority substituted for an invalid one, as kube-apiserver sends today.
+const REPLACEMENT: &[u8] = b"localhost";
+
+const TYPE_HEADERS: u8 = 0x1;
+const TYPE_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const FLAG_PADDED: u8 = 0x8;
+const FLAG_PRIORITY: u8 = 0x20;
+
+/// Why the shim closed a connection: the client broke HTTP/2 framing or HPACK, which the
+/// HTTP/2 server would have rejected too.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShimError {
+    /// A header block does not decode.
+    #[error("HPACK decoding failed: {0}")]
+    Hpack(String),
+    /// Framing rules were broken.
+    #[error("malformed HTTP/2 framing: {0}")]
+    Framing(&'static str),
+    /// A header block grew past [`MAX_HEADER_BLOCK_LEN`].
+    #[error("request header block larger than {MAX_HEADER_BLOCK_LEN} bytes")]
+    HeaderBlockTooLarge,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    Preface,
+    Frames,
+    /// Not HTTP/2 as we know it: hand the bytes over unchanged and let the server refuse them.
+    Passthrough,
+}
+
+struct PendingBlock {
+    stream_id: u32,
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    fragment: Vec<u8>,
+}
+
+/// The byte-level rewriter, separate from I/O so it can be tested on its own.
+pub struct Rewriter {
+    stage: Stage,
+    input: BytesMut,
+    output: BytesMut,
+    pending: Option<PendingBlock>,
+    decoder: loona_hpack::Decoder<'static>,
+    encoder: loona_hpack::Encoder<'static>,
+    rewritten: u64,
+}
+
+impl Default for Rewriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rewriter {
+    /// A rewriter at the start of a connection.
+    pub fn new() -> Self {
+        Rewriter {
+            stage: Stage::Preface,
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            pending: None,
+            decoder: loona_hpack::Decoder::new(),
+            encoder: loona_hpack::Encoder::new(),
+            rewritten: 0,
+        }
+    }
+
+    /// How many `:authority` values this connection has had replaced.
+    pub fn rewritten(&self) -> u64 {
+        self.rewritten
+    }
+
+    /// Adds bytes read from the client and processes every complete frame.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), ShimError> {
+        if self.stage == Stage::Passthrough {
+            self.output.extend_from_slice(bytes);
+            return Ok(());
+        }
+        self.input.extend_from_slice(bytes);
+        self.process()
+    }
+
+    /// Bytes ready for the HTTP/2 server.
+    pub fn output(&mut self) -> &mut BytesMut {
+        &mut self.output
+    }
+
+    /// At end of input, hands over any incomplete frame unchanged (the server will see the
+    /// truncation and close the connection).
+    pub fn finish(&mut self) {
+        let rest = self.input.split();
+        self.output.extend_from_slice(&rest);
+    }
+
+    fn passthrough(&mut self) {
+        self.stage = Stage::Passthrough;
+        let rest = self.input.split();
+        self.output.extend_from_slice(&rest);
+    }
+
+    fn process(&mut self) -> Result<(), ShimError> {
+        if self.stage == Stage::Preface {
+            let n = self.input.len().min(PREFACE.len());
+            if self.input[..n] != PREFACE[..n] {
+                self.passthrough();
+                return Ok(());
+            }
+            if n < PREFACE.len() {
+                return Ok(());
+            }
+            let preface = self.input.split_to(PREFACE.len());
+            self.output.extend_from_slice(&preface);
+            self.stage = Stage::Frames;
+        }
+        while self.stage == Stage::Frames && self.input.len() >= FRAME_HEADER_LEN {
+            let len = usize::from(self.input[0]) << 16
+                | usize::from(self.input[1]) << 8
+                | usize::from(self.input[2]);
+            if len > MAX_FRAME_LEN {
+                // The server refuses this with FRAME_SIZE_ERROR; do not buffer it.
+                if self.pending.is_some() {
+                    return Err(ShimError::Framing("oversized frame inside a header block"));
+                }
+                self.passthrough();
+                return Ok(());
+            }
+            if self.input.len() < FRAME_HEADER_LEN + len {
+                break;
+            }
+            let mut frame = self.input.split_to(FRAME_HEADER_LEN + len);
+            let kind = frame[3];
+            let flags = frame[4];
+            let stream_id =
+                u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+            frame.advance(FRAME_HEADER_LEN);
+            match kind {
+                TYPE_HEADERS => self.on_headers(flags, stream_id, &frame)?,
+                TYPE_CONTINUATION => self.on_continuation(flags, stream_id, &frame)?,
+                _ if self.pending.is_some() => {
+                    return Err(ShimError::Framing(
+                        "frame interleaved inside a header block",
+                    ))
+                }
+                _ => {
+                    put_frame_header(&mut self.output, frame.len(), kind, flags, stream_id);
+                    self.output.extend_from_slice(&frame);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_headers(&mut self, flags: u8, stream_id: u32, payload: &[u8]) -> Result<(), ShimError> {
+        if self.pending.is_some() {
+            return Err(ShimError::Framing("HEADERS inside another header block"));
+        }
+        let mut body = payload;
+        let mut pad = 0usize;
+        if flags & FLAG_PADDED != 0 {
+            let (&p, rest) = body
+                .split_first()
+                .ok_or(ShimError::Framing("padded HEADERS without a pad length"))?;
+            pad = usize::from(p);
+            body = rest;
+        }
+        let priority = if flags & FLAG_PRIORITY != 0 {
+            if body.len() < 5 {
+                return Err(ShimError::Framing("HEADERS priority field truncated"));
+            }
+            let (p, rest) = body.split_at(5);
+            body = rest;
+            let mut fields = [0u8; 5];
+            fields.copy_from_slice(p);
+            Some(fields)
+        } else {
+            None
+        };
+        if pad > body.len() {
+            return Err(ShimError::Framing("HEADERS padding longer than the frame"));
+        }
+        let fragment = &body[..body.len() - pad];
+        self.pending = Some(PendingBlock {
+            stream_id,
+            end_stream: flags & FLAG_END_STREAM != 0,
+            priority,
+            fragment: fragment.to_vec(),
+        });
+        if flags & FLAG_END_HEADERS != 0 {
+            self.finish_block()?;
+        }
+        Ok(())
+    }
+
+    fn on_continuation(
+        &mut self,
+        flags: u8,
+        stream_id: u32,
+        payload: &[u8],
+    ) -> Result<(), ShimError> {
+        let pending = self
+            .pending
+            .as_mut()
+            .filter(|p| p.stream_id == stream_id)
+            .ok_or(ShimError::Framing(
+                "CONTINUATION without a matching HEADERS",
+            ))?;
+        if pending.fragment.len() + payload.len() > MAX_HEADER_BLOCK_LEN {
+            return Err(ShimError::HeaderBlockTooLarge);
+        }
+        pending.fragment.extend_from_slice(payload);
+        if flags & FLAG_END_HEADERS != 0 {
+            self.finish_block()?;
+        }
+        Ok(())
+    }
+
+    fn finish_block(&mut self) -> Result<(), ShimError> {
+        let Some(block) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        self.decoder
+            .decode_with_cb(&block.fragment, |name, value| {
+                headers.push((name.into_owned(), value.into_owned()))
+            })
+            .map_err(|e| ShimError::Hpack(format!("{e:?}")))?;
+        for (name, value) in headers.iter_mut() {
+            if name.as_slice() == b":authority" && !is_valid_authority(value) {
+                *value = REPLACEMENT.to_vec();
+                self.rewritten += 1;
+            }
+        }
+        let encoded = self
+            .encoder
+            .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        self.emit(&block, &encoded);
+        Ok(())
+    }
+
+    fn emit(&mut self, block: &PendingBlock, encoded: &[u8]) {
+        let prio_len = if block.priority.is_some() { 5 } else { 0 };
+        let first_len = encoded.len().min(MAX_FRAME_LEN - prio_len);
+        let (first, mut rest) = encoded.split_at(first_len);
+        let mut flags = 0;
+        if block.end_stream {
+            flags |= FLAG_END_STREAM;
+        }
+        if block.priority.is_some() {
+            flags |= FLAG_PRIORITY;
+        }
+        if rest.is_empty() {
+            flags |= FLAG_END_HEADERS;
+        }
+        put_frame_header(
+            &mut self.output,
+            first.len() + prio_len,
+            TYPE_HEADERS,
+            flags,
+            block.stream_id,
+        );
+        if let Some(p) = block.priority {
+            self.output.extend_from_slice(&p);
+        }
+        self.output.extend_from_slice(first);
+        while !rest.is_empty() {
+            let n = rest.len().min(MAX_FRAME_LEN);
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let flags = if rest.is_empty() { FLAG_END_HEADERS } else { 0 };
+            put_frame_header(
+                &mut self.output,
+                chunk.len(),
+                TYPE_CONTINUATION,
+                flags,
+                block.stream_id,
+            );
+            self.output.extend_from_slice(chunk);
+        }
+    }
+}
+
+/// What h2 accepts: exactly what `http::uri::Authority` parses.
+fn is_valid_authority(value: &[u8]) -> bool {
+    http::uri::Authority::try_from(value).is_ok()
+}
+
+fn put_frame_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream_id: u32) {
+    // Lengths here never exceed MAX_FRAME_LEN, which fits in 24 bits.
+    out.put_uint(len as u64, 3);
+    out.put_u8(kind);
+    out.put_u8(flags);
+    out.put_u32(stream_id & 0x7fff_ffff);
+}
+
+/// A connection whose client-to-server bytes go through a [`Rewriter`].
+pub struct AuthorityShim<S> {
+    inner: S,
+    rewriter: Rewriter,
+    eof: bool,
+}
+
+impl<S> AuthorityShim<S> {
+    /// Wraps a freshly accepted connection.
+    pub fn new(inner: S) -> Self {
+        AuthorityShim {
+            inner,
+            rewriter: Rewriter::new(),
+            eof: false,
+        }
+    }
+
+    /// The wrapped connection.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let out = this.rewriter.output();
+            if !out.is_empty() {
+                let n = out.len().min(buf.remaining());
+                buf.put_slice(&out[..n]);
+                out.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut scratch = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            let filled = read.filled().len();
+            let result = if filled == 0 {
+                this.eof = true;
+                this.rewriter.finish();
+                Ok(())
+            } else {
+                this.rewriter.feed(&scratch[..filled])
+            };
+            // Request bodies carry plaintext DEKs: do not leave them on the stack.
+            scratch[..filled].zeroize();
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "closing a connection that broke HTTP/2 framing");
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityShim<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers_frame(
+        encoder: &mut loona_hpack::Encoder<'_>,
+        authority: Option<&[u8]>,
+        flags: u8,
+    ) -> Vec<u8> {
+        let mut hs: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/v2.KeyManagementService/Status"),
+        ];
+        if let Some(a) = authority {
+            hs.push((b":authority", a));
+        }
+        hs.push((b"content-type", b"application/grpc"));
+        hs.push((b"te", b"trailers"));
+        let block = encoder.encode(hs);
+        let mut out = BytesMut::new();
+        put_frame_header(
+            &mut out,
+            block.len(),
+            TYPE_HEADERS,
+            flags | FLAG_END_HEADERS,
+            1,
+        );
+        out.extend_from_slice(&block);
+        out.to_vec()
+    }
+
+    fn decode_output(out: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        assert_eq!(&out[..24], PREFACE);
+        let mut dec = loona_hpack::Decoder::new();
+        let mut rest = &out[24..];
+        let mut all = Vec::new();
+        while !rest.is_empty() {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let kind = rest[3];
+            let payload = &rest[9..9 + len];
+            if kind == TYPE_HEADERS {
+                dec.decode_with_cb(payload, |n, v| all.push((n.into_owned(), v.into_owned())))
+                    .expect("decodes");
+            }
+            rest = &rest[9 + len..];
+        }
+        all
+    }
+
+    fn authority_after(authority: Option<&[u8]>) -> Option<Vec<u8>> {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(headers_frame(&mut enc, authority, 0));
+        let mut rw = Rewriter::new();
+        // Byte by byte: frames split across reads must still be handled.
+        for b in &input {
+            rw.feed(std::slice::from_ref(b)).expect("feed");
+        }
+        let out = rw.output().to_vec();
+        let headers = decode_output(&out);
+        assert!(headers
+            .iter()
+            .any(|(n, v)| n == b":path" && v == b"/v2.KeyManagementService/Status"));
+        headers
+            .into_iter()
+            .find(|(n, _)| n == b":authority")
+            .map(|(_, v)| v)
+    }
+
+    #[test]
+    fn invalid_authorities_become_localhost() {
+        for bad in [
+            &b"/var/run/localkms/kms.sock"[..],
+            b"%2Fvar%2Frun%2Fkms.sock",
+            b"",
+        ] {
+            let got = authority_after(Some(bad));
+            if is_valid_authority(bad) {
+                assert_eq!(got.as_deref(), Some(bad));
+            } else {
+                assert_eq!(
+                    got.as_deref(),
+                    Some(&b"localhost"[..]),
+                    "for {:?}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
+        assert!(!is_valid_authority(b"/var/run/localkms/kms.sock"));
+    }
+
+    #[test]
+    fn valid_and_missing_authorities_are_kept() {
+        assert_eq!(
+            authority_after(Some(b"localhost")).as_deref(),
+            Some(&b"localhost"[..])
+        );
+        assert_eq!(
+            authority_after(Some(b"kms.local:80")).as_deref(),
+            Some(&b"kms.local:80"[..])
+        );
+        assert_eq!(authority_after(None), None);
+    }
+
+    #[test]
+    fn other_frames_pass_through_unchanged_and_dynamic_table_stays_in_sync() {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        // SETTINGS, then two requests whose second header block relies on the dynamic table.
+        let mut settings = BytesMut::new();
+        put_frame_header(&mut settings, 6, 0x4, 0, 0);
+        settings.extend_from_slice(&[0, 3, 0, 0, 0, 100]);
+        input.extend_from_slice(&settings);
+        input.extend(headers_frame(&mut enc, Some(b"/x.sock"), 0));
+        let mut data = BytesMut::new();
+        put_frame_header(&mut data, 5, 0x0, FLAG_END_STREAM, 1);
+        data.extend_from_slice(&[0, 0, 0, 0, 0]);
+        input.extend_from_slice(&data);
+        input.extend(headers_frame(&mut enc, Some(b"/x.sock"), FLAG_END_STREAM));
+        let mut rw = Rewriter::new();
+        rw.feed(&input).expect("feed");
+        let out = rw.output().to_vec();
+        assert!(out.windows(settings.len()).any(|w| w == &settings[..]));
+        assert!(out.windows(data.len()).any(|w| w == &data[..]));
+        let headers = decode_output(&out);
+        let authorities: Vec<_> = headers.iter().filter(|(n, _)| n == b":authority").collect();
+        assert_eq!(authorities.len(), 2);
+        assert!(authorities.iter().all(|(_, v)| v == b"localhost"));
+        assert_eq!(rw.rewritten(), 2);
+    }
+
+    #[test]
+    fn continuation_and_padding_are_handled() {
+        let mut enc = loona_hpack::Encoder::new();
+        let block = enc.encode(vec![
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"/p.sock"),
+            (b":path", b"/v2.KeyManagementService/Status"),
+        ]);
+        let (a, b) = block.split_at(block.len() / 2);
+        let mut input = PREFACE.to_vec();
+        let mut f = BytesMut::new();
+        // HEADERS: padded (3 bytes) with priority, no END_HEADERS.
+        put_frame_header(
+            &mut f,
+            1 + 5 + a.len() + 3,
+            TYPE_HEADERS,
+            FLAG_PADDED | FLAG_PRIORITY,
+            3,
+        );
+        f.put_u8(3);
+        f.extend_from_slice(&[0, 0, 0, 0, 15]);
+        f.extend_from_slice(a);
+        f.extend_from_slice(&[0, 0, 0]);
+        put_frame_header(&mut f, b.len(), TYPE_CONTINUATION, FLAG_END_HEADERS, 3);
+        f.extend_from_slice(b);
+        input.extend_from_slice(&f);
+        let mut rw = Rewriter::new();
+        rw.feed(&input).expect("feed");
+        let out = rw.output().to_vec();
+        // One HEADERS frame out, priority kept, padding dropped.
+        assert_eq!(out[24 + 3], TYPE_HEADERS);
+        assert_eq!(out[24 + 4], FLAG_PRIORITY | FLAG_END_HEADERS);
+        let mut dec = loona_hpack::Decoder::new();
+        let len = usize::from(out[24 + 1]) << 8 | usize::from(out[24 + 2]);
+        let got = dec.decode(&out[24 + 9 + 5..24 + 9 + len]).expect("decode");
+        assert!(got
+            .iter()
+            .any(|(n, v)| n == b":authority" && v == b"localhost"));
+    }
+
+    #[test]
+    fn broken_input_is_refused_or_passed_through() {
+        // Not HTTP/2: passed through for the server to refuse.
+        let mut rw = Rewriter::new();
+        rw.feed(b"GET / HTTP/1.1\r\n\r\n").expect("feed");
+        assert_eq!(&rw.output()[..], b"GET / HTTP/1.1\r\n\r\n");
+        // CONTINUATION without HEADERS.
+        let mut rw = Rewriter::new();
+        let mut input = PREFACE.to_vec();
+        let mut f = BytesMut::new();
+        put_frame_header(&mut f, 1, TYPE_CONTINUATION, FLAG_END_HEADERS, 1);
+        f.put_u8(0x82);
+        input.extend_from_slice(&f);
+        assert!(rw.feed(&input).is_err());
+        // Garbage HPACK.
+        let mut rw = Rewriter::new();
+        let mut input = PREFACE.to_vec();
+        let mut f = BytesMut::new();
+        put_frame_header(&mut f, 2, TYPE_HEADERS, FLAG_END_HEADERS, 1);
+        f.extend_from_slice(&[0xff, 0xff]);
+        input.extend_from_slice(&f);
+        assert!(matches!(rw.feed(&input), Err(ShimError::Hpack(_))));
+    }
+}

@@ -1,0 +1,83 @@
+//! `v1beta1.KeyManagementService`: KMS v1, for clusters that still run it or still hold data
+//! written under it while they migrate to v2. Same envelope format, same KEKs.
+
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::status::to_status;
+use crate::keyring::SharedKeyring;
+use crate::proto::v1beta1::key_management_service_server::KeyManagementService;
+use crate::proto::v1beta1::{
+    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, VersionRequest,
+    VersionResponse,
+};
+
+/// The only KMS v1 API version there is.
+pub const V1_VERSION: &str = "v1beta1";
+/// Reported as `runtime_name`.
+pub const RUNTIME_NAME: &str = "localkms";
+
+/// The KMS v1 service over the shared keyring.
+pub struct V1Service {
+    keyring: SharedKeyring,
+}
+
+impl V1Service {
+    /// Serves `keyring`.
+    pub fn new(keyring: SharedKeyring) -> Self {
+        V1Service { keyring }
+    }
+}
+
+fn check_version(version: &str) -> Result<(), Status> {
+    if version == V1_VERSION {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "unsupported KMS API version {:?}; this endpoint speaks {V1_VERSION}",
+            version.chars().take(40).collect::<String>()
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl KeyManagementService for V1Service {
+    async fn version(
+        &self,
+        request: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        check_version(&request.into_inner().version)?;
+        Ok(Response::new(VersionResponse {
+            version: V1_VERSION.to_owned(),
+            runtime_name: RUNTIME_NAME.to_owned(),
+            runtime_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
+        let req = request.into_inner();
+        let plain = Zeroizing::new(req.plain);
+        check_version(&req.version)?;
+        let ring = self.keyring.load();
+        let (cipher, key_id) = ring.encrypt(&plain).map_err(to_status)?;
+        tracing::debug!(key_id = %key_id, "v1 Encrypt");
+        Ok(Response::new(EncryptResponse { cipher }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
+        let req = request.into_inner();
+        check_version(&req.version)?;
+        let ring = self.keyring.load();
+        let mut plain = ring.decrypt_unchecked(&req.cipher).map_err(to_status)?;
+        tracing::debug!("v1 Decrypt");
+        Ok(Response::new(DecryptResponse {
+            plain: std::mem::take(&mut *plain),
+        }))
+    }
+}

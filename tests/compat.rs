@@ -1,0 +1,465 @@
+//! Compatibility: every `:authority` form real clients send, KMS v1, abstract sockets, a
+//! non-Rust gRPC client, and a test that plays kube-apiserver's part with its own checks.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{bin, client, Server, Workspace};
+use localkms::proto::v1beta1::key_management_service_client::KeyManagementServiceClient as V1Client;
+use localkms::proto::v2::StatusResponse;
+use prost::Message;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// What a raw HTTP/2 exchange returned for one unary gRPC call.
+#[derive(Debug, Default)]
+struct RawReply {
+    status: Option<String>,
+    grpc_status: Option<String>,
+    reset: bool,
+    body: Vec<u8>,
+}
+
+/// Sends one unary gRPC call with a hand-built header block, so `:authority` can be anything
+/// (or absent) — exactly what kube-apiserver, grpc-java and C-core put on the wire.
+fn raw_call(
+    socket: &std::path::Path,
+    authority: Option<&[u8]>,
+    path: &str,
+    message: &[u8],
+) -> RawReply {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut enc = loona_hpack::Encoder::new();
+    let mut headers: Vec<(&[u8], &[u8])> = vec![
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.as_bytes()),
+    ];
+    if let Some(a) = authority {
+        headers.push((b":authority", a));
+    }
+    headers.push((b"content-type", b"application/grpc"));
+    headers.push((b"te", b"trailers"));
+    let block = enc.encode(headers);
+    let mut grpc = vec![0u8];
+    grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    grpc.extend_from_slice(message);
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out.extend(frame(0x1, 0x4, 1, &block));
+    out.extend(frame(0x0, 0x1, 1, &grpc));
+    s.write_all(&out).expect("write");
+
+    let mut dec = loona_hpack::Decoder::new();
+    let mut reply = RawReply::default();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            let payload = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            match (kind, stream) {
+                (0x4, 0) if flags & 1 == 0 => s.write_all(&frame(0x4, 1, 0, &[])).expect("ack"),
+                (0x0, 1) => reply.body.extend_from_slice(&payload),
+                (0x1, 1) => {
+                    for (n, v) in dec.decode(&payload).expect("hpack") {
+                        let v = String::from_utf8_lossy(&v).to_string();
+                        match &n[..] {
+                            b":status" => reply.status = Some(v),
+                            b"grpc-status" => reply.grpc_status = Some(v),
+                            _ => {}
+                        }
+                    }
+                    if flags & 1 != 0 {
+                        return reply;
+                    }
+                }
+                (0x3, 1) | (0x7, _) => {
+                    reply.reset = true;
+                    return reply;
+                }
+                _ => {}
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return reply,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[test]
+fn every_authority_form_is_answered() {
+    let ws = Workspace::new();
+    let _server = ws.serve();
+    let path_authority = ws.socket.display().to_string();
+    let percent: String = path_authority.replace('/', "%2F");
+    let forms: Vec<(&str, Option<&[u8]>)> = vec![
+        ("socket path", Some(path_authority.as_bytes())),
+        (
+            "kube-apiserver style path",
+            Some(b"/var/run/localkms/kms.sock"),
+        ),
+        ("percent-encoded path", Some(percent.as_bytes())),
+        ("empty", Some(b"")),
+        ("localhost", Some(b"localhost")),
+        ("absent", None),
+    ];
+    for (name, authority) in forms {
+        let reply = raw_call(
+            &ws.socket,
+            authority,
+            "/v2.KeyManagementService/Status",
+            &[],
+        );
+        assert!(!reply.reset, "{name}: stream was reset: {reply:?}");
+        assert_eq!(reply.status.as_deref(), Some("200"), "{name}: {reply:?}");
+        assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{name}: {reply:?}");
+        assert!(reply.body.len() >= 5, "{name}: no message");
+        let status = StatusResponse::decode(&reply.body[5..]).expect("StatusResponse");
+        assert_eq!(status.healthz, "ok", "{name}");
+        assert!(status.key_id.starts_with("kek-"), "{name}");
+    }
+    // KMS v1 behind a path authority too.
+    let version = localkms::proto::v1beta1::VersionRequest {
+        version: "v1beta1".into(),
+    };
+    let reply = raw_call(
+        &ws.socket,
+        Some(path_authority.as_bytes()),
+        "/v1beta1.KeyManagementService/Version",
+        &version.encode_to_vec(),
+    );
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+}
+
+fn python_with_grpcio(scratch: &std::path::Path) -> String {
+    let has = |py: &str| {
+        Command::new(py)
+            .args(["-c", "import grpc"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if has("python3") {
+        return "python3".into();
+    }
+    // A fresh machine: make a private virtualenv with grpcio from PyPI.
+    let venv = scratch.join("grpcio-venv");
+    let py = venv.join("bin/python3").display().to_string();
+    if !has(&py) {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            && Command::new(&py)
+                .args(["-m", "pip", "install", "--quiet", "grpcio"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+        assert!(
+            ok,
+            "this test needs Python 3 with grpcio: run `python3 -m pip install grpcio`"
+        );
+    }
+    py
+}
+
+#[test]
+fn python_grpcio_with_its_default_unix_channel_works() {
+    let ws = Workspace::new();
+    let server = ws.serve();
+    let py = python_with_grpcio(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpcio_client.py");
+    let out = Command::new(py)
+        .arg(script)
+        .arg(server.endpoint())
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "grpcio client failed: {}\nserver log: {}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["version"], "v2");
+    assert_eq!(v["healthz"], "ok");
+    assert_eq!(v["encrypt_key_id"], v["key_id"]);
+    assert_eq!(v["round_trip"], true);
+    assert_eq!(v["v1_version"], "v1beta1");
+    assert_eq!(v["v1_runtime_name"], "localkms");
+    assert_eq!(v["v1_round_trip"], true);
+    assert_eq!(v["bad_decrypt_code"], "INVALID_ARGUMENT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kms_v1_shares_keys_with_v2_and_survives_rotation() {
+    use localkms::proto::v1beta1::{DecryptRequest, EncryptRequest, VersionRequest};
+    let ws = Workspace::new();
+    let server = ws.serve();
+    let channel = localkms::client::connect(&server.endpoint())
+        .await
+        .expect("connect");
+    let mut v1 = V1Client::new(channel);
+    let version = v1
+        .version(VersionRequest {
+            version: "v1beta1".into(),
+        })
+        .await
+        .expect("version")
+        .into_inner();
+    assert_eq!(version.version, "v1beta1");
+    assert_eq!(version.runtime_name, "localkms");
+    assert_eq!(version.runtime_version, env!("CARGO_PKG_VERSION"));
+
+    let dek = [0x33u8; 32];
+    let cipher = v1
+        .encrypt(EncryptRequest {
+            version: "v1beta1".into(),
+            plain: dek.to_vec(),
+        })
+        .await
+        .expect("encrypt")
+        .into_inner()
+        .cipher;
+    assert!(!cipher.is_empty() && cipher.len() <= 1024);
+
+    // Rotate; the v1 ciphertext still opens.
+    let out = ws.keys(&["rotate"]);
+    assert!(out.status.success());
+    let new_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut v2 = client(&server.endpoint()).await.expect("v2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while v2
+        .status(localkms::proto::v2::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .key_id
+        != new_id
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotation not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let plain = v1
+        .decrypt(DecryptRequest {
+            version: "v1beta1".into(),
+            cipher: cipher.clone(),
+        })
+        .await
+        .expect("decrypt after rotation")
+        .into_inner()
+        .plain;
+    assert_eq!(plain, dek);
+
+    // Wrong versions are refused.
+    for bad in ["", "v2", "v1"] {
+        let err = v1
+            .version(VersionRequest {
+                version: bad.into(),
+            })
+            .await
+            .expect_err("bad version");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        let err = v1
+            .decrypt(DecryptRequest {
+                version: bad.into(),
+                cipher: cipher.clone(),
+            })
+            .await
+            .expect_err("bad version");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("v1beta1"), "{}", err.message());
+        let err = v1
+            .encrypt(EncryptRequest {
+                version: bad.into(),
+                plain: dek.to_vec(),
+            })
+            .await
+            .expect_err("bad version");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+    // v1 garbage gets the same codes as v2.
+    let err = v1
+        .decrypt(DecryptRequest {
+            version: "v1beta1".into(),
+            cipher: b"junk".to_vec(),
+        })
+        .await
+        .expect_err("junk");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[test]
+fn abstract_sockets_work_end_to_end() {
+    let ws = Workspace::new();
+    let name = format!("localkms-e2e-{}", std::process::id());
+    let endpoint = format!("unix:///@{name}");
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--socket", &endpoint])
+        .args(ws.keystore_args());
+    let log = ws.dir.path().join("abstract.log");
+    let mut child = cmd
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = common::localkms(&["check", "--socket", &format!("@{name}")]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "abstract server not ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // No file was created, and a second server on the same name is refused.
+    assert!(!std::path::Path::new(&format!("/@{name}")).exists());
+    let out = common::localkms(&[
+        "serve",
+        "--socket",
+        &endpoint,
+        "--keystore",
+        ws.keystore.to_str().expect("utf8"),
+        "--root-key-file",
+        ws.root_key.to_str().expect("utf8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already listening"));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("abstract socket"), "{text}");
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    let status = common::wait_with_timeout(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Plays kube-apiserver's part: the checks it applies to every response, a DEK seed per
+/// Encrypt, Decrypt with the stored key_id and annotations, and its annotation rules.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_apiserver_checks_hold() {
+    use localkms::proto::v1beta1::EncryptRequest as V1Encrypt;
+    use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+    let ws = Workspace::new();
+    let server = ws.serve_with(&["--status-version", "v2beta1"]);
+    let mut c = client(&server.endpoint()).await.expect("connect");
+
+    let mut versions = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let status = c
+            .status(StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(status.healthz, "ok");
+        assert!(!status.key_id.is_empty() && status.key_id.len() <= 1024);
+        versions.insert(status.version);
+    }
+    assert_eq!(
+        versions.len(),
+        1,
+        "the version must never change while the server runs"
+    );
+    assert!(versions.contains("v2beta1"));
+    let status_key_id = c
+        .status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .key_id;
+
+    let mut stored = Vec::new();
+    for i in 0..8u8 {
+        let seed = [i; 32];
+        let r = c
+            .encrypt(EncryptRequest {
+                plaintext: seed.to_vec(),
+                uid: format!("uid-{i}"),
+            })
+            .await
+            .expect("encrypt")
+            .into_inner();
+        assert_eq!(
+            r.key_id, status_key_id,
+            "Encrypt key_id must equal Status key_id"
+        );
+        assert!(!r.ciphertext.is_empty() && r.ciphertext.len() <= 1024);
+        let total: usize = r.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(total <= 32 * 1024);
+        for key in r.annotations.keys() {
+            let labels: Vec<&str> = key.split('.').collect();
+            assert!(
+                labels.len() >= 2 && labels.iter().all(|l| !l.is_empty()),
+                "annotation key {key} is not an FQDN"
+            );
+        }
+        stored.push((seed, r));
+    }
+    // Distinct plaintexts give distinct ciphertexts.
+    let distinct: std::collections::HashSet<_> =
+        stored.iter().map(|(_, r)| r.ciphertext.clone()).collect();
+    assert_eq!(distinct.len(), stored.len());
+    for (seed, r) in stored {
+        let out = c
+            .decrypt(DecryptRequest {
+                ciphertext: r.ciphertext,
+                uid: "read".into(),
+                key_id: r.key_id,
+                annotations: r.annotations,
+            })
+            .await
+            .expect("decrypt")
+            .into_inner();
+        assert_eq!(out.plaintext, seed);
+    }
+    // KMS v1: a 32-byte DEK per write.
+    let channel = localkms::client::connect(&server.endpoint())
+        .await
+        .expect("connect");
+    let mut v1 = V1Client::new(channel);
+    let cipher = v1
+        .encrypt(V1Encrypt {
+            version: "v1beta1".into(),
+            plain: vec![9u8; 32],
+        })
+        .await
+        .expect("v1 encrypt")
+        .into_inner()
+        .cipher;
+    assert!(!cipher.is_empty() && cipher.len() <= 1024);
+}
+
+#[allow(dead_code)]
+fn _uses(_: Server) {}
