@@ -1,9 +1,11 @@
 //! Command-line definitions. Every flag can also come from a `LOCALKMS_*` environment variable.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::keystore::RootKeySource;
 use crate::server::StatusVersion;
 
 /// localkms: a Kubernetes KMS v2 plugin with locally managed, rotatable key-encryption keys.
@@ -19,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the KMS API on a Unix socket.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create a root key file (if missing) and a new keystore with one primary KEK.
     Init(KeystoreArgs),
     /// List or change the KEKs in a keystore.
@@ -27,6 +29,18 @@ pub enum Command {
         /// What to do with the keys.
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Check a keystore file without serving it.
+    Keystore {
+        /// What to check.
+        #[command(subcommand)]
+        command: KeystoreCommand,
+    },
+    /// Re-seal the keystore under a new root key.
+    RootKey {
+        /// What to do with the root key.
+        #[command(subcommand)]
+        command: RootKeyCommand,
     },
     /// Print the Status of any KMS v2 plugin.
     Status {
@@ -48,10 +62,11 @@ pub enum Command {
     },
 }
 
-/// `keys` subcommands.
+/// `keys` subcommands. Every change is made under the keystore lock and picked up by a
+/// running server within 2 seconds.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// One line per KEK: id, state, creation time.
+    /// One line per KEK: id, state, creation time and decrypt usage.
     List {
         /// The keystore.
         #[command(flatten)]
@@ -60,11 +75,91 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Create a new KEK and make it primary; the old primary stays for decryption.
+    /// Create a new KEK and make it primary (or, with --stage, only distribute it).
     Rotate {
         /// The keystore.
         #[command(flatten)]
         keystore: KeystoreArgs,
+        /// Create the KEK as `staged`: it decrypts but does not encrypt until `keys promote`.
+        #[arg(long)]
+        stage: bool,
+    },
+    /// Make a staged or retired KEK primary; the old primary becomes retired.
+    Promote {
+        /// The KEK.
+        id: String,
+        /// The keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Refuse decrypts under a KEK, reversibly (not the primary).
+    Disable {
+        /// The KEK.
+        id: String,
+        /// The keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Undo `keys disable`.
+    Enable {
+        /// The KEK.
+        id: String,
+        /// The keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Wipe a KEK's material, keeping a tombstone. Refuses the primary, and a KEK that
+    /// decrypted anything in the last 7 days unless --force.
+    Destroy {
+        /// The KEK.
+        id: String,
+        /// The keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// Destroy even if the KEK decrypted data recently.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The audit trail of every lifecycle change.
+    History {
+        /// The keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `keystore` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeystoreCommand {
+    /// Open the keystore with the root key and print its generation and KEK ids.
+    Verify {
+        /// The keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+}
+
+/// `root-key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RootKeyCommand {
+    /// Re-seal the keystore under a new root key or passphrase; every KEK stays the same.
+    Rotate {
+        /// The keystore and its current root key.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// New root key file (created, mode 0600, if it does not exist).
+        #[arg(
+            long,
+            conflicts_with = "new_passphrase_file",
+            required_unless_present = "new_passphrase_file"
+        )]
+        new_root_key_file: Option<PathBuf>,
+        /// New passphrase file.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
     },
 }
 
@@ -74,15 +169,38 @@ pub struct KeystoreArgs {
     /// Keystore file.
     #[arg(long, env = "LOCALKMS_KEYSTORE")]
     pub keystore: PathBuf,
+    /// The root key.
+    #[command(flatten)]
+    pub root: RootArgs,
+}
+
+/// The root key: a key file or a passphrase file (exactly one).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RootArgs {
     /// File holding the 32-byte root key (raw or base64), mode 0600 or 0400.
     #[arg(long, env = "LOCALKMS_ROOT_KEY_FILE")]
-    pub root_key_file: PathBuf,
+    pub root_key_file: Option<PathBuf>,
+    /// File holding a passphrase (12+ bytes) stretched with Argon2id, mode 0600 or 0400.
+    #[arg(long, env = "LOCALKMS_PASSPHRASE_FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl RootArgs {
+    /// The chosen source, if any.
+    pub fn source(&self) -> Option<RootKeySource> {
+        match (&self.root_key_file, &self.passphrase_file) {
+            (Some(p), _) => Some(RootKeySource::KeyFile(p.clone())),
+            (None, Some(p)) => Some(RootKeySource::PassphraseFile(p.clone())),
+            (None, None) => None,
+        }
+    }
 }
 
 /// A plugin socket.
 #[derive(Debug, Args)]
 pub struct SocketArgs {
-    /// Socket: `unix:///path/kms.sock` or `/path/kms.sock`.
+    /// Socket: `unix:///path/kms.sock`, `/path/kms.sock`, `unix:///@name` or `@name`.
     #[arg(long, env = "LOCALKMS_SOCKET")]
     pub socket: String,
 }
@@ -92,20 +210,40 @@ pub struct SocketArgs {
 pub struct ServeArgs {
     /// Development mode: create or reuse ./localkms-dev/ (root key, keystore, socket). Not for
     /// production.
-    #[arg(long, conflicts_with_all = ["keystore", "root_key_file"])]
+    #[arg(long, conflicts_with_all = ["keystore", "root_key_file", "passphrase_file"])]
     pub dev: bool,
-    /// Socket to listen on: `unix:///path/kms.sock` or `/path/kms.sock`.
+    /// Socket to listen on: `unix:///path/kms.sock`, `/path/kms.sock`, `unix:///@name`, `@name`.
     #[arg(long, env = "LOCALKMS_SOCKET", required_unless_present = "dev")]
     pub socket: Option<String>,
     /// Keystore file.
     #[arg(long, env = "LOCALKMS_KEYSTORE", required_unless_present = "dev")]
     pub keystore: Option<PathBuf>,
     /// Root key file.
-    #[arg(long, env = "LOCALKMS_ROOT_KEY_FILE", required_unless_present = "dev")]
+    #[arg(
+        long,
+        env = "LOCALKMS_ROOT_KEY_FILE",
+        conflicts_with = "passphrase_file"
+    )]
     pub root_key_file: Option<PathBuf>,
+    /// Passphrase file (instead of a root key file).
+    #[arg(long, env = "LOCALKMS_PASSPHRASE_FILE")]
+    pub passphrase_file: Option<PathBuf>,
     /// Version string Status reports: `v2` (Kubernetes 1.29+) or `v2beta1` (1.27–1.28).
     #[arg(long, env = "LOCALKMS_STATUS_VERSION", value_enum, default_value_t = StatusVersionArg::V2)]
     pub status_version: StatusVersionArg,
+    /// Rotate automatically when the primary is older than this (e.g. `90d`, `12h`, `30s`).
+    /// Single-node clusters only: other nodes would not hold the new key.
+    #[arg(long, env = "LOCALKMS_ROTATE_AFTER", value_parser = parse_duration)]
+    pub rotate_after: Option<Duration>,
+}
+
+/// Parses `90d`, `12h`, `30s`, `1h30m`; at least one second.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 90d, 12h, 30s)"))?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".to_owned());
+    }
+    Ok(d)
 }
 
 /// `--status-version` values.
@@ -154,14 +292,52 @@ mod tests {
             "/tmp/rk",
             "--status-version",
             "v2beta1",
+            "--rotate-after",
+            "90d",
         ])
         .expect("full serve");
         match cli.command {
             Command::Serve(a) => {
                 assert_eq!(a.socket.as_deref(), Some("unix:///tmp/x.sock"));
                 assert!(matches!(a.status_version, StatusVersionArg::V2beta1));
+                assert_eq!(a.rotate_after, Some(Duration::from_secs(90 * 86_400)));
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn exactly_one_root_source() {
+        assert!(Cli::try_parse_from([
+            "localkms",
+            "keys",
+            "list",
+            "--keystore",
+            "k",
+            "--root-key-file",
+            "r",
+            "--passphrase-file",
+            "p"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["localkms", "keys", "list", "--keystore", "k"]).is_err());
+        assert!(Cli::try_parse_from([
+            "localkms",
+            "keys",
+            "list",
+            "--keystore",
+            "k",
+            "--passphrase-file",
+            "p"
+        ])
+        .is_ok());
     }
 }

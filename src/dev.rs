@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use time::OffsetDateTime;
 
-use crate::keystore::{self, Keystore, KeystoreError, RootKey};
+use crate::keystore::{self, Actor, Keystore, KeystoreError, RootKeyProvider, RootKeySource};
 
 /// Directory `serve --dev` uses, relative to the working directory.
 pub const DEV_DIR: &str = "localkms-dev";
@@ -38,11 +38,16 @@ pub fn prepare(dir: &Path) -> Result<DevSetup, KeystoreError> {
     let dir = std::fs::canonicalize(dir).map_err(io)?;
     let root_key_file = dir.join("root.key");
     let keystore_path = dir.join("keystore.lkms");
-    let (root, _) = RootKey::load_or_create(&root_key_file)?;
+    let (root, _) =
+        RootKeyProvider::open_or_create(&RootKeySource::KeyFile(root_key_file.clone()))?;
     let created = if keystore_path.exists() {
         false
     } else {
-        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc())?;
+        let ks = Keystore::new_with_primary(
+            OffsetDateTime::now_utc(),
+            root.new_kdf()?,
+            &Actor::current(),
+        )?;
         keystore::create(&keystore_path, &root, &ks)?;
         true
     };
@@ -102,7 +107,8 @@ mod tests {
         let first = prepare(&dir).expect("first");
         assert!(first.created);
         assert_eq!(std::fs::metadata(&dir).expect("stat").mode() & 0o777, 0o700);
-        let root = RootKey::load(&first.root_key_file).expect("root");
+        let root = RootKeyProvider::open(&RootKeySource::KeyFile(first.root_key_file.clone()))
+            .expect("root");
         let id = keystore::load(&first.keystore, &root)
             .expect("load")
             .primary()

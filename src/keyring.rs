@@ -13,6 +13,7 @@ use crate::crypto::envelope::{self, Envelope, EnvelopeError};
 use crate::crypto::SecretKey;
 use crate::key_id::KeyId;
 use crate::keystore::{KeyState, Keystore};
+use crate::usage::{KeyUsage, UsageTracker};
 
 /// Why the keyring refused an Encrypt or Decrypt; the server maps each to a gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +56,22 @@ pub enum KeyringError {
 }
 
 enum Entry {
-    Usable(SecretKey),
+    Usable(SecretKey, Arc<KeyUsage>),
     Disabled,
     Destroyed { at: i64 },
+}
+
+/// Public facts about one KEK, for metrics and logs.
+#[derive(Clone, Debug)]
+pub struct KeyInfo {
+    /// The id.
+    pub id: KeyId,
+    /// Its state.
+    pub state: KeyState,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// Last state change, Unix seconds.
+    pub changed_at: i64,
 }
 
 /// Every KEK the plugin may use, as of one keystore generation.
@@ -65,17 +79,26 @@ pub struct Keyring {
     generation: u64,
     primary: Option<KeyId>,
     keys: HashMap<KeyId, Entry>,
+    info: Vec<KeyInfo>,
+    usage: Arc<UsageTracker>,
     self_test_passed: bool,
 }
 
 impl Keyring {
     /// Builds a keyring from a loaded keystore, taking its key material without copying it, and
     /// runs the self-test round trip that Status reports.
-    pub fn from_keystore(ks: Keystore) -> Self {
+    pub fn from_keystore(ks: Keystore, usage: Arc<UsageTracker>) -> Self {
         let generation = ks.generation();
         let mut primary = None;
         let mut keys = HashMap::new();
+        let mut info = Vec::new();
         for rec in ks.into_records() {
+            info.push(KeyInfo {
+                id: rec.id.clone(),
+                state: rec.state,
+                created_at: rec.created_at,
+                changed_at: rec.changed_at,
+            });
             let entry = match (rec.state, rec.material) {
                 (KeyState::Destroyed, _) | (_, None) => Entry::Destroyed { at: rec.changed_at },
                 (KeyState::Disabled, Some(_)) => Entry::Disabled,
@@ -83,7 +106,7 @@ impl Keyring {
                     if state == KeyState::Primary {
                         primary = Some(rec.id.clone());
                     }
-                    Entry::Usable(key)
+                    Entry::Usable(key, usage.handle(&rec.id))
                 }
             };
             keys.insert(rec.id, entry);
@@ -92,6 +115,8 @@ impl Keyring {
             generation,
             primary,
             keys,
+            info,
+            usage,
             self_test_passed: false,
         };
         ring.self_test_passed = ring.self_test();
@@ -104,16 +129,33 @@ impl Keyring {
             generation: 0,
             primary: None,
             keys: HashMap::new(),
+            info: Vec::new(),
+            usage: Arc::new(UsageTracker::default()),
             self_test_passed: false,
         }
     }
 
+    /// Seals and opens a probe under the primary, without counting it as usage.
     fn self_test(&self) -> bool {
         let probe = [0x5au8; 32];
         self.encrypt(&probe)
             .ok()
-            .and_then(|(ct, id)| self.decrypt(&ct, id.as_str()).ok())
+            .and_then(|(ct, _)| {
+                Envelope::parse(&ct)
+                    .ok()
+                    .and_then(|env| self.open(&env, false).ok())
+            })
             .is_some_and(|pt| pt[..] == probe)
+    }
+
+    /// Public facts about every KEK, in keystore order.
+    pub fn key_info(&self) -> &[KeyInfo] {
+        &self.info
+    }
+
+    /// The usage counters this keyring records into.
+    pub fn usage(&self) -> &Arc<UsageTracker> {
+        &self.usage
     }
 
     /// The keystore generation this keyring was built from.
@@ -145,7 +187,7 @@ impl Keyring {
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<(Vec<u8>, &KeyId), KeyringError> {
         let id = self.primary.as_ref().ok_or(KeyringError::NoPrimary)?;
         match self.keys.get(id) {
-            Some(Entry::Usable(key)) => Ok((envelope::seal(key, id, plaintext)?, id)),
+            Some(Entry::Usable(key, _)) => Ok((envelope::seal(key, id, plaintext)?, id)),
             _ => Err(KeyringError::NoPrimary),
         }
     }
@@ -166,15 +208,15 @@ impl Keyring {
                 inside: env.key_id().clone(),
             });
         }
-        self.open(&env)
+        self.open(&env, true)
     }
 
     /// Opens a ciphertext whose key id needs no cross-check (KMS v1 carries none).
     pub fn decrypt_unchecked(&self, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
-        self.open(&Envelope::parse(ciphertext)?)
+        self.open(&Envelope::parse(ciphertext)?, true)
     }
 
-    fn open(&self, env: &Envelope<'_>) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+    fn open(&self, env: &Envelope<'_>, count: bool) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
         let id = env.key_id();
         match self.keys.get(id) {
             None => Err(KeyringError::UnknownKey(id.clone())),
@@ -183,7 +225,16 @@ impl Keyring {
                 id: id.clone(),
                 at: crate::timefmt::rfc3339(*at),
             }),
-            Some(Entry::Usable(key)) => Ok(env.open(key)?),
+            Some(Entry::Usable(key, usage)) => {
+                let plain = env.open(key)?;
+                if count {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                    self.usage.record(usage, now);
+                }
+                Ok(plain)
+            }
         }
     }
 }
@@ -215,10 +266,19 @@ mod tests {
     use time::OffsetDateTime;
 
     fn ring_with_rotation() -> (Keyring, KeyId, KeyId) {
-        let mut ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let mut ks = crate::keystore::model::tests::fresh();
         let old = ks.primary().expect("primary").id.clone();
-        let new = ks.rotate(OffsetDateTime::now_utc()).expect("rotate");
-        (Keyring::from_keystore(ks), old, new)
+        let new = ks
+            .rotate(
+                OffsetDateTime::now_utc(),
+                &crate::keystore::model::tests::actor(),
+            )
+            .expect("rotate");
+        (
+            Keyring::from_keystore(ks, Arc::new(UsageTracker::default())),
+            old,
+            new,
+        )
     }
 
     #[test]
@@ -233,6 +293,43 @@ mod tests {
             b"seed"
         );
         assert!(ring.key_ids().any(|k| k == &old));
+        // Usage counts real decrypts only, not the self-test.
+        let counts = ring.usage().snapshot();
+        let new_count = counts.iter().find(|(id, _, _)| id == &new).map(|c| c.1);
+        assert_eq!(new_count, Some(1));
+    }
+
+    #[test]
+    fn disabled_and_destroyed_keys_refuse_with_failed_precondition_errors() {
+        use crate::keystore::model::tests::{actor, clone_for_test, fresh};
+        let mut ks = fresh();
+        let old = ks.primary().expect("primary").id.clone();
+        let usage = Arc::new(UsageTracker::default());
+        let before = Keyring::from_keystore(clone_for_test(&ks), Arc::clone(&usage));
+        let (ct, _) = before.encrypt(b"seed").expect("encrypt");
+        ks.rotate(OffsetDateTime::now_utc(), &actor())
+            .expect("rotate");
+        ks.disable(old.as_str(), OffsetDateTime::now_utc(), &actor())
+            .expect("disable");
+        let mut destroyed = clone_for_test(&ks);
+        let ring = Keyring::from_keystore(ks, Arc::clone(&usage));
+        assert!(matches!(
+            ring.decrypt(&ct, old.as_str()),
+            Err(KeyringError::Disabled(_))
+        ));
+        destroyed
+            .destroy(
+                old.as_str(),
+                OffsetDateTime::now_utc(),
+                &actor(),
+                None,
+                true,
+            )
+            .expect("destroy");
+        let ring = Keyring::from_keystore(destroyed, usage);
+        let err = ring.decrypt(&ct, old.as_str()).expect_err("destroyed");
+        assert!(matches!(err, KeyringError::Destroyed { .. }));
+        assert!(err.to_string().contains("destroyed at"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod crypto;
@@ -18,6 +19,7 @@ pub mod reload;
 pub mod server;
 pub mod telemetry;
 pub mod timefmt;
+pub mod usage;
 
 /// Code generated from `proto/` by `build.rs`.
 pub mod proto {

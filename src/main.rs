@@ -1,13 +1,16 @@
 //! The `localkms` command: parse the CLI, start logging, dispatch, map errors to exit codes.
 
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use clap::Parser;
-use localkms::cli::{Cli, Command, KeysCommand, ServeArgs};
-use localkms::keystore::{self, Keystore, RootKey};
+use localkms::cli::{
+    Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RootKeyCommand, ServeArgs,
+};
+use localkms::keystore::{self, Actor, Keystore, RootKeyProvider, RootKeySource};
 use localkms::server::{self, ServeConfig};
-use localkms::{client, dev, telemetry, timefmt};
+use localkms::{admin, client, dev, telemetry, usage};
 use time::OffsetDateTime;
 
 fn main() -> std::process::ExitCode {
@@ -29,27 +32,63 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+fn open(args: &KeystoreArgs) -> anyhow::Result<RootKeyProvider> {
+    let source = args
+        .root
+        .source()
+        .ok_or_else(|| anyhow!("pass --root-key-file or --passphrase-file"))?;
+    Ok(RootKeyProvider::open(&source)?)
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Init(args) => {
-            let (root, created) = RootKey::load_or_create(&args.root_key_file)?;
+        Command::Serve(args) => serve(*args),
+        Command::Init(args) => init(&args),
+        Command::Keys { command } => keys(command),
+        Command::Keystore {
+            command: KeystoreCommand::Verify { keystore: args },
+        } => {
+            let ks = keystore::load(&args.keystore, &open(&args)?)?;
+            print!("{}", admin::verify_report(&args.keystore, &ks));
+            Ok(())
+        }
+        Command::RootKey {
+            command:
+                RootKeyCommand::Rotate {
+                    keystore: args,
+                    new_root_key_file,
+                    new_passphrase_file,
+                },
+        } => {
+            let old = open(&args)?;
+            let new_source = match (new_root_key_file, new_passphrase_file) {
+                (Some(p), _) => RootKeySource::KeyFile(p),
+                (None, Some(p)) => RootKeySource::PassphraseFile(p),
+                (None, None) => {
+                    return Err(anyhow!("pass --new-root-key-file or --new-passphrase-file"))
+                }
+            };
+            let (new, created) = RootKeyProvider::open_or_create(&new_source)?;
             if created {
                 println!(
                     "created root key file {} (mode 0600)",
-                    args.root_key_file.display()
+                    new_source.path().display()
                 );
             }
-            let ks = Keystore::new_with_primary(OffsetDateTime::now_utc())?;
-            keystore::create(&args.keystore, &root, &ks)?;
-            let id = ks.primary().map(|r| r.id.to_string()).unwrap_or_default();
+            keystore::reseal(&args.keystore, &old, &new, |ks| {
+                ks.record_root_key_rotation(now(), &Actor::current())
+            })?;
             println!(
-                "created keystore {} with primary key {id}",
-                args.keystore.display()
+                "re-sealed {} under {}; the old root key no longer opens it. Restart or SIGHUP running servers with the new root key.",
+                args.keystore.display(),
+                new_source.path().display()
             );
             Ok(())
         }
-        Command::Keys { command } => keys(command),
         Command::Status { socket, json } => {
             let report = runtime()?.block_on(client::status(&socket.socket))?;
             if json {
@@ -63,8 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { socket, timeout } => {
-            let rt = runtime()?;
-            let report = rt
+            let report = runtime()?
                 .block_on(async {
                     tokio::time::timeout(
                         Duration::from_secs(timeout),
@@ -82,58 +120,128 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn init(args: &KeystoreArgs) -> anyhow::Result<()> {
+    let source = args
+        .root
+        .source()
+        .ok_or_else(|| anyhow!("pass --root-key-file or --passphrase-file"))?;
+    if args.keystore.exists() {
+        return Err(keystore::KeystoreError::AlreadyExists(args.keystore.clone()).into());
+    }
+    let (root, created) = RootKeyProvider::open_or_create(&source)?;
+    if created {
+        println!(
+            "created root key file {} (mode 0600)",
+            source.path().display()
+        );
+    }
+    let ks = Keystore::new_with_primary(now(), root.new_kdf()?, &Actor::current())?;
+    keystore::create(&args.keystore, &root, &ks)?;
+    let id = ks.primary().map(|r| r.id.to_string()).unwrap_or_default();
+    println!(
+        "created keystore {} with primary key {id}",
+        args.keystore.display()
+    );
+    Ok(())
+}
+
+fn read_usage(keystore: &Path) -> anyhow::Result<usage::UsageFile> {
+    Ok(usage::read_usage(&usage::usage_path(keystore))?)
+}
+
 fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    let actor = Actor::current();
     match command {
         KeysCommand::List {
             keystore: args,
             json,
         } => {
-            let root = RootKey::load(&args.root_key_file)?;
-            let ks = keystore::load(&args.keystore, &root)?;
+            let ks = keystore::load(&args.keystore, &open(&args)?)?;
+            let listing = admin::list(&ks, &read_usage(&args.keystore)?);
             if json {
-                let keys: Vec<_> = ks
-                    .records()
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "id": r.id.as_str(),
-                            "state": r.state.as_str(),
-                            "created_at": timefmt::rfc3339(r.created_at),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::json!({ "keys": keys }));
+                println!("{}", serde_json::json!({ "keys": listing }));
             } else {
-                println!("{:<24} {:<10} CREATED", "ID", "STATE");
-                for r in ks.records() {
-                    println!(
-                        "{:<24} {:<10} {}",
-                        r.id,
-                        r.state,
-                        timefmt::rfc3339(r.created_at)
-                    );
-                }
+                print!("{}", admin::list_table(&listing));
             }
-            Ok(())
         }
-        KeysCommand::Rotate { keystore: args } => {
-            let root = RootKey::load(&args.root_key_file)?;
+        KeysCommand::History {
+            keystore: args,
+            json,
+        } => {
+            let ks = keystore::load(&args.keystore, &open(&args)?)?;
+            let history = admin::history(ks.history());
+            if json {
+                println!("{}", serde_json::json!({ "history": history }));
+            } else {
+                print!("{}", admin::history_table(&history));
+            }
+        }
+        KeysCommand::Rotate {
+            keystore: args,
+            stage,
+        } => {
+            let root = open(&args)?;
             let id = keystore::update(&args.keystore, &root, |ks| {
-                Ok(ks.rotate(OffsetDateTime::now_utc())?)
+                Ok(if stage {
+                    ks.stage(now(), &actor)?
+                } else {
+                    ks.rotate(now(), &actor)?
+                })
             })?;
             println!("{id}");
-            eprintln!(
-                "rotated: {id} is now primary in {}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds.",
-                args.keystore.display()
+            if stage {
+                eprintln!(
+                    "staged {id} in {}: it decrypts but does not encrypt. Copy the keystore to every node, check each with `localkms keystore verify`, then `localkms keys promote {id}`.",
+                    args.keystore.display()
+                );
+            } else {
+                eprintln!(
+                    "rotated: {id} is now primary in {}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds.",
+                    args.keystore.display()
+                );
+            }
+        }
+        KeysCommand::Promote { id, keystore: args } => {
+            keystore::update(&args.keystore, &open(&args)?, |ks| {
+                Ok(ks.promote(&id, now(), &actor)?)
+            })?;
+            println!(
+                "promoted {id} to primary; the previous primary is retired and still decrypts"
             );
-            Ok(())
+        }
+        KeysCommand::Disable { id, keystore: args } => {
+            keystore::update(&args.keystore, &open(&args)?, |ks| {
+                Ok(ks.disable(&id, now(), &actor)?)
+            })?;
+            println!("disabled {id}: decrypts under it now fail with FailedPrecondition; `localkms keys enable {id}` undoes this");
+        }
+        KeysCommand::Enable { id, keystore: args } => {
+            keystore::update(&args.keystore, &open(&args)?, |ks| {
+                Ok(ks.enable(&id, now(), &actor)?)
+            })?;
+            println!("enabled {id}");
+        }
+        KeysCommand::Destroy {
+            id,
+            keystore: args,
+            force,
+        } => {
+            let last = read_usage(&args.keystore)?
+                .keys
+                .get(&id)
+                .and_then(|u| u.last_decrypt_unix);
+            keystore::update(&args.keystore, &open(&args)?, |ks| {
+                Ok(ks.destroy(&id, now(), &actor, last, force)?)
+            })?;
+            println!("destroyed {id}: its material is wiped; a tombstone keeps the id so errors can say what happened");
         }
     }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = if args.dev {
-        let setup = dev::prepare(std::path::Path::new(dev::DEV_DIR))?;
+        let setup = dev::prepare(Path::new(dev::DEV_DIR))?;
         eprintln!("{}", dev::banner(&setup));
         tracing::warn!(dir = %setup.dir.display(), "DEVELOPMENT MODE: the root key is stored unprotected next to the keystore; not for production");
         let socket = match args.socket {
@@ -144,18 +252,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             socket,
             socket_mode: 0o600,
             keystore: setup.keystore,
-            root_key_file: setup.root_key_file,
+            root: RootKeySource::KeyFile(setup.root_key_file),
             status_version: args.status_version.into(),
+            rotate_after: args.rotate_after,
         }
     } else {
-        let missing =
-            || anyhow::anyhow!("serve needs --socket, --keystore and --root-key-file (or --dev)");
+        let root = match (args.root_key_file, args.passphrase_file) {
+            (Some(p), _) => RootKeySource::KeyFile(p),
+            (None, Some(p)) => RootKeySource::PassphraseFile(p),
+            (None, None) => {
+                return Err(anyhow!(
+                    "serve needs --root-key-file or --passphrase-file (or --dev)"
+                ))
+            }
+        };
+        let missing = || anyhow!("serve needs --socket and --keystore (or --dev)");
         ServeConfig {
             socket: server::socket::parse_endpoint(&args.socket.ok_or_else(missing)?)?,
             socket_mode: 0o600,
             keystore: args.keystore.ok_or_else(missing)?,
-            root_key_file: args.root_key_file.ok_or_else(missing)?,
+            root,
             status_version: args.status_version.into(),
+            rotate_after: args.rotate_after,
         }
     };
     runtime()?.block_on(server::serve(config, shutdown_signal()))?;

@@ -1,4 +1,4 @@
-//! Keeps the server's keyring in step with the keystore file.
+//! Keeps the server's keyring in step with the keystore file, and runs scheduled rotation.
 //!
 //! The file is polled (cheap `stat`, every [`POLL_INTERVAL`]) and reloaded on SIGHUP. Polling
 //! rather than inotify because keystore writes replace the file by rename (a new inode each
@@ -8,11 +8,15 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
 
 use crate::keyring::{Keyring, SharedKeyring};
-use crate::keystore::{self, KeystoreError, RootKey};
+use crate::keystore::{self, Actor, HistoryEntry, KeyState, KeystoreError, RootKeyProvider};
+use crate::usage::{UsageTracker, FLUSH_INTERVAL};
 
 /// How often the keystore file's metadata is checked; well inside the 2 s promise.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -35,6 +39,29 @@ pub enum ReloadOutcome {
     Failed(KeystoreError),
 }
 
+impl ReloadOutcome {
+    /// The label used in metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReloadOutcome::Swapped { .. } => "ok",
+            ReloadOutcome::Unchanged => "unchanged",
+            ReloadOutcome::Refused(_) => "refused",
+            ReloadOutcome::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Reload results since start, for metrics.
+#[derive(Default, Debug)]
+pub struct ReloadCounters {
+    /// New keyrings swapped in.
+    pub ok: AtomicU64,
+    /// Refused by a safety rule.
+    pub refused: AtomicU64,
+    /// Failed to load.
+    pub failed: AtomicU64,
+}
+
 /// Identity and version of the file on disk, for change detection without reading it.
 type Fingerprint = Option<(u64, u64, u64, i64, i64, i64, i64)>;
 
@@ -55,18 +82,44 @@ fn fingerprint(path: &Path) -> Fingerprint {
 /// Reloads the keystore into a [`SharedKeyring`].
 pub struct Reloader {
     path: PathBuf,
-    root: Arc<RootKey>,
+    root: Arc<RootKeyProvider>,
     keyring: SharedKeyring,
+    usage: Arc<UsageTracker>,
+    counters: Arc<ReloadCounters>,
+    history: std::sync::Mutex<Vec<HistoryEntry>>,
+    rotate_after: Option<Duration>,
 }
 
 impl Reloader {
-    /// Watches `path`, opening it with `root`, feeding `keyring`.
-    pub fn new(path: PathBuf, root: Arc<RootKey>, keyring: SharedKeyring) -> Self {
+    /// Watches `path`, opening it with `root`, feeding `keyring`. `history` is the audit trail
+    /// of the keystore already loaded, so only later entries are logged.
+    pub fn new(
+        path: PathBuf,
+        root: Arc<RootKeyProvider>,
+        keyring: SharedKeyring,
+        history: Vec<HistoryEntry>,
+    ) -> Self {
+        let usage = Arc::clone(keyring.load().usage());
         Reloader {
             path,
             root,
             keyring,
+            usage,
+            counters: Arc::default(),
+            history: std::sync::Mutex::new(history),
+            rotate_after: None,
         }
+    }
+
+    /// Rotates automatically once the primary has been primary for `after`.
+    pub fn with_rotate_after(mut self, after: Option<Duration>) -> Self {
+        self.rotate_after = after;
+        self
+    }
+
+    /// The reload counters, for metrics.
+    pub fn counters(&self) -> Arc<ReloadCounters> {
+        Arc::clone(&self.counters)
     }
 
     /// Loads the file now and swaps it in if the safety rules allow. `force` reloads even
@@ -92,7 +145,8 @@ impl Reloader {
         if to == from && !force {
             return ReloadOutcome::Unchanged;
         }
-        let next = Keyring::from_keystore(ks);
+        let history = ks.history().to_vec();
+        let next = Keyring::from_keystore(ks, Arc::clone(&self.usage));
         let dropped: Vec<String> = current
             .key_ids()
             .filter(|id| !next.key_ids().any(|n| n == *id))
@@ -110,12 +164,36 @@ impl Reloader {
             );
         }
         self.keyring.store(next);
+        self.log_new_history(history);
         ReloadOutcome::Swapped { from, to }
     }
 
+    /// Logs the audit entries added since the last keystore this server loaded.
+    fn log_new_history(&self, history: Vec<HistoryEntry>) {
+        let mut seen = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let start = match seen.last() {
+            Some(last) => history.iter().rposition(|h| h == last).map_or(0, |i| i + 1),
+            None => 0,
+        };
+        for h in &history[start..] {
+            tracing::info!(
+                action = h.action.as_str(),
+                key_id = h.key_id.as_ref().map(|k| k.as_str()).unwrap_or("-"),
+                by = %h.actor.user,
+                host = %h.actor.host,
+                at = %crate::timefmt::rfc3339(h.at),
+                "keystore change picked up"
+            );
+        }
+        *seen = history;
+    }
+
     async fn reload_and_log(&self, force: bool) {
-        match self.reload(force).await {
+        let outcome = self.reload(force).await;
+        let kept = self.keyring.load().generation();
+        match &outcome {
             ReloadOutcome::Swapped { from, to } => {
+                self.counters.ok.fetch_add(1, Ordering::Relaxed);
                 let ring = self.keyring.load();
                 let primary = ring
                     .primary_id()
@@ -127,17 +205,56 @@ impl Reloader {
                 tracing::debug!(keystore = %self.path.display(), "keystore unchanged");
             }
             ReloadOutcome::Refused(why) => {
-                let kept = self.keyring.load().generation();
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(keystore = %self.path.display(), kept_generation = kept, "keystore reload refused: {why}; still serving the loaded keyring");
             }
             ReloadOutcome::Failed(e) => {
-                let kept = self.keyring.load().generation();
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(keystore = %self.path.display(), kept_generation = kept, "keystore reload failed: {e}; still serving the loaded keyring");
             }
         }
     }
 
-    /// Polls the file and listens for SIGHUP until `shutdown` resolves.
+    /// Whether the loaded primary is older than `--rotate-after`.
+    fn rotation_due(&self) -> Option<i64> {
+        let after = i64::try_from(self.rotate_after?.as_secs()).ok()?;
+        let ring = self.keyring.load();
+        let primary = ring
+            .key_info()
+            .iter()
+            .find(|k| k.state == KeyState::Primary)?;
+        (OffsetDateTime::now_utc().unix_timestamp() - primary.changed_at >= after).then_some(after)
+    }
+
+    async fn scheduled_rotation(&self, after: i64) {
+        let path = self.path.clone();
+        let root = Arc::clone(&self.root);
+        let result = tokio::task::spawn_blocking(move || {
+            keystore::update(&path, &root, |ks| {
+                Ok(ks.rotate_if_older(after, OffsetDateTime::now_utc(), &Actor::server())?)
+            })
+        })
+        .await;
+        match result {
+            Ok(Ok(Some(id))) => {
+                tracing::info!(new_primary = %id, after_s = after, "scheduled rotation: the primary reached --rotate-after");
+                self.reload_and_log(false).await;
+            }
+            Ok(Ok(None)) => self.reload_and_log(false).await,
+            Ok(Err(e)) => tracing::error!(error = %e, "scheduled rotation failed; will retry"),
+            Err(e) => tracing::error!(error = %e, "scheduled rotation task failed; will retry"),
+        }
+    }
+
+    fn flush_usage(&self, force: bool) {
+        let path = crate::usage::usage_path(&self.path);
+        if let Err(e) = self.usage.flush(&path, force) {
+            tracing::warn!(error = %e, "could not write key usage");
+        }
+    }
+
+    /// Polls the file, listens for SIGHUP, writes usage and runs scheduled rotation until
+    /// `shutdown` resolves; writes usage once more on the way out.
     pub async fn watch(self, shutdown: impl std::future::Future<Output = ()>) {
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
@@ -148,11 +265,26 @@ impl Reloader {
             }
         };
         let mut last = fingerprint(&self.path);
+        let mut last_flush = Instant::now();
+        let mut last_rotation_attempt: Option<Instant> = None;
         tokio::pin!(shutdown);
         loop {
             let force = tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => break,
                 _ = tokio::time::sleep(POLL_INTERVAL) => {
+                    if last_flush.elapsed() >= FLUSH_INTERVAL {
+                        last_flush = Instant::now();
+                        self.flush_usage(false);
+                    }
+                    if let Some(after) = self.rotation_due() {
+                        // Retry a failed rotation at most every 30 s.
+                        if last_rotation_attempt.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                            last_rotation_attempt = Some(Instant::now());
+                            self.scheduled_rotation(after).await;
+                            last = fingerprint(&self.path);
+                            continue;
+                        }
+                    }
                     let now = fingerprint(&self.path);
                     if now == last {
                         continue;
@@ -173,36 +305,46 @@ impl Reloader {
             };
             self.reload_and_log(force).await;
         }
+        self.flush_usage(true);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keystore::{Keystore, RootKey};
-    use time::OffsetDateTime;
+    use crate::keystore::model::tests::{actor, fresh};
+    use crate::keystore::{RootKey, RootKeyProvider};
 
-    fn setup() -> (tempfile::TempDir, PathBuf, Arc<RootKey>, SharedKeyring) {
+    fn setup() -> (
+        tempfile::TempDir,
+        PathBuf,
+        Arc<RootKeyProvider>,
+        SharedKeyring,
+        Vec<HistoryEntry>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("keystore");
-        let root = Arc::new(RootKey::from_bytes([8u8; 32]));
-        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
-        keystore::create(&path, &root, &ks).expect("create");
-        let ring = Keyring::from_keystore(keystore::load(&path, &root).expect("load"));
-        (dir, path, root, SharedKeyring::new(ring))
+        let root = Arc::new(RootKeyProvider::from_key(RootKey::from_bytes([8u8; 32])));
+        keystore::create(&path, &root, &fresh()).expect("create");
+        let ks = keystore::load(&path, &root).expect("load");
+        let history = ks.history().to_vec();
+        let ring = Keyring::from_keystore(ks, Arc::new(UsageTracker::default()));
+        (dir, path, root, SharedKeyring::new(ring), history)
     }
 
     #[tokio::test]
     async fn rotation_is_picked_up_and_rollback_refused() {
-        let (_dir, path, root, shared) = setup();
-        let reloader = Reloader::new(path.clone(), Arc::clone(&root), shared.clone());
+        let (_dir, path, root, shared, history) = setup();
+        let reloader = Reloader::new(path.clone(), Arc::clone(&root), shared.clone(), history);
         assert!(matches!(
             reloader.reload(false).await,
             ReloadOutcome::Unchanged
         ));
         let backup = std::fs::read(&path).expect("read");
-        let new = keystore::update(&path, &root, |ks| Ok(ks.rotate(OffsetDateTime::now_utc())?))
-            .expect("rotate");
+        let new = keystore::update(&path, &root, |ks| {
+            Ok(ks.rotate(OffsetDateTime::now_utc(), &actor())?)
+        })
+        .expect("rotate");
         assert!(matches!(
             reloader.reload(false).await,
             ReloadOutcome::Swapped { from: 1, to: 2 }
@@ -219,10 +361,10 @@ mod tests {
 
     #[tokio::test]
     async fn broken_file_keeps_the_keyring() {
-        let (_dir, path, root, shared) = setup();
+        let (_dir, path, root, shared, history) = setup();
         let before = shared.load().primary_id().cloned();
         std::fs::write(&path, b"garbage").expect("write");
-        let reloader = Reloader::new(path, root, shared.clone());
+        let reloader = Reloader::new(path, root, shared.clone(), history);
         assert!(matches!(
             reloader.reload(true).await,
             ReloadOutcome::Failed(_)
@@ -233,17 +375,29 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_key_is_refused() {
-        let (_dir, path, root, shared) = setup();
+        let (_dir, path, root, shared, history) = setup();
         // A different keystore at a higher generation that lacks the loaded key.
-        let mut other = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let mut other = fresh();
         other.generation = 5;
         std::fs::remove_file(&path).expect("rm");
         keystore::create(&path, &root, &other).expect("create");
-        let reloader = Reloader::new(path, root, shared.clone());
+        let reloader = Reloader::new(path, root, shared.clone(), history);
         match reloader.reload(false).await {
             ReloadOutcome::Refused(why) => assert!(why.contains("tombstone"), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
         assert_eq!(shared.load().generation(), 1);
+    }
+
+    #[tokio::test]
+    async fn scheduled_rotation_rotates_when_due() {
+        let (_dir, path, root, shared, history) = setup();
+        let old = shared.load().primary_id().cloned();
+        let reloader = Reloader::new(path, root, shared.clone(), history)
+            .with_rotate_after(Some(Duration::from_secs(0)));
+        let after = reloader.rotation_due().expect("due");
+        reloader.scheduled_rotation(after).await;
+        assert_ne!(shared.load().primary_id().cloned(), old);
+        assert_eq!(shared.load().generation(), 2);
     }
 }

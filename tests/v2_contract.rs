@@ -4,7 +4,7 @@ mod common;
 
 use common::{client, Workspace};
 use localkms::keyring::Keyring;
-use localkms::keystore::Keystore;
+use localkms::keystore::{Kdf, Keystore};
 use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
 use time::OffsetDateTime;
 use tonic::Code;
@@ -68,8 +68,10 @@ async fn status_encrypt_decrypt_follow_the_apiserver_contract() {
 
 /// Seals a ciphertext under a KEK that the server's keystore has never held.
 fn foreign_ciphertext() -> (Vec<u8>, String) {
-    let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("keystore");
-    let ring = Keyring::from_keystore(ks);
+    let actor = localkms::keystore::Actor::current();
+    let ks = Keystore::new_with_primary(OffsetDateTime::now_utc(), Kdf::KeyFile, &actor)
+        .expect("keystore");
+    let ring = Keyring::from_keystore(ks, Default::default());
     let (ct, id) = ring.encrypt(&[1u8; 32]).expect("encrypt");
     (ct, id.to_string())
 }

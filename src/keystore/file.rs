@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::format::{self, FormatError, MAX_FILE_LEN};
 use super::model::Keystore;
-use super::root_key::RootKey;
+use super::root_key::{RootKey, RootKeyProvider};
 use super::KeystoreError;
 
 /// How many previous generations stay on disk as `PATH.bak.N`.
@@ -51,13 +51,25 @@ fn format_err(path: &Path, e: FormatError) -> KeystoreError {
     }
 }
 
-/// Reads and opens the keystore at `path`.
-pub fn load(path: &Path, root: &RootKey) -> Result<Keystore, KeystoreError> {
+/// Reads and opens the keystore at `path`, deriving the root key as its header says.
+pub fn load(path: &Path, root: &RootKeyProvider) -> Result<Keystore, KeystoreError> {
     let bytes = read_bounded(path)?;
-    format::decode(&bytes, root).map_err(|e| format_err(path, e))
+    decode_with(path, &bytes, root)
 }
 
-fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
+/// Opens keystore bytes read from `path` (the path is for messages).
+pub fn decode_with(
+    path: &Path,
+    bytes: &[u8],
+    root: &RootKeyProvider,
+) -> Result<Keystore, KeystoreError> {
+    let header = format::peek(bytes).map_err(|e| format_err(path, e))?;
+    let key = root.key_for(&header.kdf)?;
+    format::decode(bytes, &key).map_err(|e| format_err(path, e))
+}
+
+/// Reads a keystore file, refusing anything larger than a keystore can be.
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
     let file = File::open(path).map_err(io_err(path))?;
     let len = file.metadata().map_err(io_err(path))?.len();
     if len > MAX_FILE_LEN {
@@ -74,24 +86,49 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
 }
 
 /// Writes a brand-new keystore at `path`, refusing to replace an existing file.
-pub fn create(path: &Path, root: &RootKey, ks: &Keystore) -> Result<(), KeystoreError> {
+pub fn create(path: &Path, root: &RootKeyProvider, ks: &Keystore) -> Result<(), KeystoreError> {
     let _lock = Lock::acquire(path)?;
     if path.exists() {
         return Err(KeystoreError::AlreadyExists(path.to_owned()));
     }
-    write_atomic(path, root, ks, false)
+    let key = root.key_for(ks.kdf())?;
+    write_atomic(path, &key, ks, false)
 }
 
 /// Loads the keystore under the lock, lets `change` edit it, and saves it as the next
 /// generation. Nothing is written when `change` fails.
 pub fn update<T>(
     path: &Path,
-    root: &RootKey,
+    root: &RootKeyProvider,
     change: impl FnOnce(&mut Keystore) -> Result<T, KeystoreError>,
 ) -> Result<T, KeystoreError> {
     let _lock = Lock::acquire(path)?;
     let mut ks = load(path, root)?;
     let out = change(&mut ks)?;
+    bump_generation(path, &mut ks)?;
+    let key = root.key_for(ks.kdf())?;
+    write_atomic(path, &key, &ks, true)?;
+    Ok(out)
+}
+
+/// Re-seals the keystore under a new root key, atomically: afterwards `old` no longer opens
+/// it and every KEK is unchanged. `record` adds the history entry.
+pub fn reseal(
+    path: &Path,
+    old: &RootKeyProvider,
+    new: &RootKeyProvider,
+    record: impl FnOnce(&mut Keystore),
+) -> Result<(), KeystoreError> {
+    let _lock = Lock::acquire(path)?;
+    let mut ks = load(path, old)?;
+    ks.kdf = new.new_kdf()?;
+    record(&mut ks);
+    bump_generation(path, &mut ks)?;
+    let key = new.key_for(ks.kdf())?;
+    write_atomic(path, &key, &ks, true)
+}
+
+fn bump_generation(path: &Path, ks: &mut Keystore) -> Result<(), KeystoreError> {
     ks.generation = ks
         .generation
         .checked_add(1)
@@ -99,8 +136,7 @@ pub fn update<T>(
             path: path.to_owned(),
             reason: "generation counter overflow".to_owned(),
         })?;
-    write_atomic(path, root, &ks, true)?;
-    Ok(out)
+    Ok(())
 }
 
 fn dir_of(path: &Path) -> &Path {
@@ -119,9 +155,10 @@ fn write_atomic(
     let bytes = Zeroizing::new(format::encode(ks, root).map_err(|e| format_err(path, e))?);
     let dir = dir_of(path);
     let io = io_err(path);
+    remove_stale_temp_files(dir);
     let mut tmp = tempfile::Builder::new()
-        .prefix(".localkms-keystore-")
-        .suffix(".tmp")
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .tempfile_in(dir)
         .map_err(&io)?;
@@ -141,6 +178,26 @@ fn write_atomic(
     }
     File::open(dir).and_then(|d| d.sync_all()).map_err(&io)?;
     Ok(())
+}
+
+const TEMP_PREFIX: &str = ".localkms-keystore-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Removes temp files left by a writer that died mid-write. Called under the lock, so no live
+/// writer owns one.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a stale keystore temp file");
+            }
+        }
+    }
 }
 
 /// Hard-links the current file as a backup and prunes old ones. Best effort: a failed backup
@@ -245,15 +302,23 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
     use time::OffsetDateTime;
 
-    fn root() -> RootKey {
-        RootKey::from_bytes([3u8; 32])
+    fn root() -> RootKeyProvider {
+        RootKeyProvider::from_key(RootKey::from_bytes([3u8; 32]))
+    }
+
+    fn fresh() -> Keystore {
+        crate::keystore::model::tests::fresh()
+    }
+
+    fn actor() -> crate::keystore::model::Actor {
+        crate::keystore::model::tests::actor()
     }
 
     #[test]
     fn create_load_update_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("keystore");
-        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let ks = fresh();
         let first = ks.primary().expect("primary").id.clone();
         create(&path, &root(), &ks).expect("create");
         assert_eq!(
@@ -265,7 +330,7 @@ mod tests {
             Err(KeystoreError::AlreadyExists(_))
         ));
         let new = update(&path, &root(), |ks| {
-            Ok(ks.rotate(OffsetDateTime::now_utc())?)
+            Ok(ks.rotate(OffsetDateTime::now_utc(), &actor())?)
         })
         .expect("rotate");
         let loaded = load(&path, &root()).expect("load");
@@ -282,7 +347,7 @@ mod tests {
     fn failed_change_writes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("keystore");
-        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let ks = fresh();
         create(&path, &root(), &ks).expect("create");
         let before = std::fs::read(&path).expect("read");
         let result: Result<(), _> = update(&path, &root(), |_| {
@@ -296,11 +361,11 @@ mod tests {
     fn backups_are_pruned() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("keystore");
-        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let ks = fresh();
         create(&path, &root(), &ks).expect("create");
         for _ in 0..6 {
             update(&path, &root(), |ks| {
-                Ok(ks.rotate(OffsetDateTime::now_utc())?)
+                Ok(ks.rotate(OffsetDateTime::now_utc(), &actor())?)
             })
             .expect("rotate");
         }
@@ -324,9 +389,10 @@ mod tests {
         assert!(matches!(err, KeystoreError::NotFound(_)));
         assert!(err.to_string().contains(&path.display().to_string()));
 
-        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let ks = fresh();
         create(&path, &root(), &ks).expect("create");
-        let err = load(&path, &RootKey::from_bytes([4u8; 32])).expect_err("wrong key");
+        let other = RootKeyProvider::from_key(RootKey::from_bytes([4u8; 32]));
+        let err = load(&path, &other).expect_err("wrong key");
         assert!(matches!(err, KeystoreError::WrongRootKey(_)), "{err}");
 
         let mut bytes = std::fs::read(&path).expect("read");
@@ -352,5 +418,59 @@ mod tests {
         assert!(Lock::try_acquire(&path).expect("try").is_none());
         drop(held);
         assert!(Lock::try_acquire(&path).expect("try").is_some());
+    }
+}
+
+#[cfg(test)]
+mod reseal_tests {
+    use super::*;
+    use crate::keystore::root_key::RootKeySource;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn reseal_moves_to_a_passphrase_and_keeps_every_kek() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keystore");
+        let old = RootKeyProvider::from_key(RootKey::from_bytes([3u8; 32]));
+        let mut ks = crate::keystore::model::tests::fresh();
+        ks.rotate(
+            time::OffsetDateTime::now_utc(),
+            &crate::keystore::model::tests::actor(),
+        )
+        .expect("rotate");
+        create(&path, &old, &ks).expect("create");
+        let pass = dir.path().join("pass");
+        std::fs::write(&pass, "a long enough passphrase").expect("write");
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let new = RootKeyProvider::open(&RootKeySource::PassphraseFile(pass)).expect("open");
+        reseal(&path, &old, &new, |_| {}).expect("reseal");
+        assert!(
+            load(&path, &old).is_err(),
+            "the old root key must no longer open it"
+        );
+        let back = load(&path, &new).expect("new key opens it");
+        assert!(matches!(
+            back.kdf(),
+            crate::keystore::root_key::Kdf::Argon2id { .. }
+        ));
+        for (a, b) in ks.records().iter().zip(back.records()) {
+            assert_eq!(a.id, b.id);
+            assert_eq!(
+                a.material.as_ref().map(|k| *k.expose()),
+                b.material.as_ref().map(|k| *k.expose())
+            );
+        }
+    }
+
+    #[test]
+    fn stale_temp_files_are_cleaned_under_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keystore");
+        let root = RootKeyProvider::from_key(RootKey::from_bytes([3u8; 32]));
+        create(&path, &root, &crate::keystore::model::tests::fresh()).expect("create");
+        let stale = dir.path().join(".localkms-keystore-dead.tmp");
+        std::fs::write(&stale, b"half a keystore").expect("write");
+        update(&path, &root, |_| Ok(())).expect("update");
+        assert!(!stale.exists());
     }
 }

@@ -4,9 +4,10 @@
 //! offset  size  field
 //! 0       8     magic "LOCALKMS"
 //! 8       2     format version, big-endian (1)
-//! 10      1     KDF id: 0 = root key file (the key is used directly, via HKDF)
-//! 11      2     KDF parameter length P, big-endian (0 for KDF 0)
-//! 13      P     KDF parameters (reserved for a passphrase KDF)
+//! 10      1     KDF id: 0 = root key file (the key is used directly, via HKDF),
+//!                1 = Argon2id over a passphrase
+//! 11      2     KDF parameter length P, big-endian (0 for KDF 0, 28 for KDF 1)
+//! 13      P     KDF parameters: Argon2id memory KiB, passes, lanes (u32 each), 16-byte salt
 //! 13+P    8     generation, big-endian
 //! 21+P    12    nonce, random per write
 //! 33+P    n+16  AES-256-GCM sealed body and tag
@@ -16,14 +17,17 @@
 //!
 //! The body, once opened, is a record count (u32) and one record per KEK: id length (u8), id,
 //! state (u8: 1 staged, 2 primary, 3 retired, 4 disabled, 5 destroyed), created_at and
-//! changed_at (i64 Unix seconds), a material flag (u8) and, when set, 32 bytes of key.
+//! changed_at (i64 Unix seconds), the state a disabled key returns to (u8, 0 = none), a
+//! material flag (u8) and, when set, 32 bytes of key. Then the audit history: an entry count
+//! (u32) and per entry the time (i64), action (u8), key id (u8 length, 0 = none, and bytes),
+//! user and host (u16 length and UTF-8 each).
 
 use std::collections::HashSet;
 
 use zeroize::Zeroizing;
 
-use super::model::{KekRecord, KeyState, Keystore};
-use super::root_key::RootKey;
+use super::model::{Action, Actor, HistoryEntry, KekRecord, KeyState, Keystore};
+use super::root_key::{Kdf, RootKey};
 use crate::crypto::{
     fill_random, open_in_place, seal_in_place, CryptoError, SecretKey, KEY_LEN, NONCE_LEN, TAG_LEN,
 };
@@ -34,6 +38,8 @@ pub const MAGIC: &[u8; 8] = b"LOCALKMS";
 /// The keystore format this build writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
 const KDF_ROOT_KEY_FILE: u8 = 0;
+const KDF_ARGON2ID: u8 = 1;
+const ARGON2_PARAMS_LEN: u16 = 28;
 const INFO: &[u8] = b"localkms/keystore/v1";
 /// Files larger than this are refused before they are read into memory.
 pub const MAX_FILE_LEN: u64 = 16 * 1024 * 1024;
@@ -58,15 +64,19 @@ pub enum FormatError {
     Random,
 }
 
-/// Reads only the header, for a cheap generation check without the root key.
-pub fn peek_generation(bytes: &[u8]) -> Result<u64, FormatError> {
-    parse_header(bytes).map(|h| h.generation)
-}
-
-struct Header {
-    generation: u64,
+/// The unsealed part of a keystore file: what is needed to find the root key.
+pub struct Header {
+    /// Write generation.
+    pub generation: u64,
+    /// How the root key is derived.
+    pub kdf: Kdf,
     nonce: [u8; NONCE_LEN],
     len: usize,
+}
+
+/// Reads only the header, for the KDF and a cheap generation check without the root key.
+pub fn peek(bytes: &[u8]) -> Result<Header, FormatError> {
+    parse_header(bytes)
 }
 
 fn corrupted(reason: &str) -> FormatError {
@@ -82,13 +92,29 @@ fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
     if version != FORMAT_VERSION {
         return Err(FormatError::UnsupportedVersion(version));
     }
-    let kdf = r.u8().ok_or_else(|| corrupted("truncated header"))?;
-    if kdf != KDF_ROOT_KEY_FILE {
-        return Err(corrupted(&format!("unknown key derivation id {kdf}")));
-    }
+    let kdf_id = r.u8().ok_or_else(|| corrupted("truncated header"))?;
     let params_len = r.u16().ok_or_else(|| corrupted("truncated header"))?;
-    r.take(usize::from(params_len))
+    let params = r
+        .take(usize::from(params_len))
         .ok_or_else(|| corrupted("truncated header"))?;
+    let kdf = match (kdf_id, params_len) {
+        (KDF_ROOT_KEY_FILE, 0) => Kdf::KeyFile,
+        (KDF_ARGON2ID, ARGON2_PARAMS_LEN) => {
+            let mut p = Reader::new(params);
+            let bad = || corrupted("bad Argon2id parameters");
+            Kdf::Argon2id {
+                m_kib: p.u32().ok_or_else(bad)?,
+                t: p.u32().ok_or_else(bad)?,
+                p: p.u32().ok_or_else(bad)?,
+                salt: p.array().ok_or_else(bad)?,
+            }
+        }
+        _ => {
+            return Err(corrupted(&format!(
+                "unknown key derivation {kdf_id} with {params_len} parameter bytes"
+            )))
+        }
+    };
     let generation = r.u64().ok_or_else(|| corrupted("truncated header"))?;
     let nonce: [u8; NONCE_LEN] = r
         .take(NONCE_LEN)
@@ -100,6 +126,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
     }
     Ok(Header {
         generation,
+        kdf,
         nonce,
         len,
     })
@@ -116,10 +143,12 @@ pub fn decode(bytes: &[u8], root: &RootKey) -> Result<Keystore, FormatError> {
     plain.extend_from_slice(body);
     open_in_place(&key, &header.nonce, aad, &mut plain, tag)
         .map_err(|_| FormatError::WrongRootKey)?;
-    let records = decode_body(&plain)?;
+    let (records, history) = decode_body(&plain)?;
     Ok(Keystore {
         generation: header.generation,
+        kdf: header.kdf,
         records,
+        history,
     })
 }
 
@@ -127,32 +156,61 @@ pub fn decode(bytes: &[u8], root: &RootKey) -> Result<Keystore, FormatError> {
 pub fn encode(ks: &Keystore, root: &RootKey) -> Result<Vec<u8>, FormatError> {
     let mut nonce = [0u8; NONCE_LEN];
     fill_random(&mut nonce).map_err(|_| FormatError::Random)?;
-    let body_len = 4 + ks
+    let kdf_params_len = match ks.kdf {
+        Kdf::KeyFile => 0,
+        Kdf::Argon2id { .. } => usize::from(ARGON2_PARAMS_LEN),
+    };
+    let header_len = MAGIC.len() + 2 + 1 + 2 + kdf_params_len + 8 + NONCE_LEN;
+    let records_len: usize = ks
         .records
         .iter()
         .map(|r| {
-            1 + r.id.as_str().len() + 1 + 8 + 8 + 1 + r.material.as_ref().map_or(0, |_| KEY_LEN)
+            1 + r.id.as_str().len() + 1 + 8 + 8 + 1 + 1 + r.material.as_ref().map_or(0, |_| KEY_LEN)
         })
-        .sum::<usize>();
-    let header_len = MAGIC.len() + 2 + 1 + 2 + 8 + NONCE_LEN;
+        .sum();
+    let history_len: usize = ks
+        .history
+        .iter()
+        .map(|h| {
+            8 + 1
+                + 1
+                + h.key_id.as_ref().map_or(0, |k| k.as_str().len())
+                + 2
+                + clip(&h.actor.user).len()
+                + 2
+                + clip(&h.actor.host).len()
+        })
+        .sum();
+    let body_len = 4 + records_len + 4 + history_len;
     // Exact capacity: the buffer never reallocates, so no unwiped copy of a key is left behind.
     let mut out = Zeroizing::new(Vec::with_capacity(header_len + body_len + TAG_LEN));
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-    out.push(KDF_ROOT_KEY_FILE);
-    out.extend_from_slice(&0u16.to_be_bytes());
+    match &ks.kdf {
+        Kdf::KeyFile => {
+            out.push(KDF_ROOT_KEY_FILE);
+            out.extend_from_slice(&0u16.to_be_bytes());
+        }
+        Kdf::Argon2id { m_kib, t, p, salt } => {
+            out.push(KDF_ARGON2ID);
+            out.extend_from_slice(&ARGON2_PARAMS_LEN.to_be_bytes());
+            out.extend_from_slice(&m_kib.to_be_bytes());
+            out.extend_from_slice(&t.to_be_bytes());
+            out.extend_from_slice(&p.to_be_bytes());
+            out.extend_from_slice(salt);
+        }
+    }
     out.extend_from_slice(&ks.generation.to_be_bytes());
     out.extend_from_slice(&nonce);
+    debug_assert_eq!(out.len(), header_len);
     let count = u32::try_from(ks.records.len()).map_err(|_| corrupted("too many keys"))?;
     out.extend_from_slice(&count.to_be_bytes());
     for r in &ks.records {
-        let id = r.id.as_str().as_bytes();
-        // KeyId guarantees at most 64 bytes.
-        out.push(id.len() as u8);
-        out.extend_from_slice(id);
+        put_id(&mut out, Some(&r.id));
         out.push(state_code(r.state));
         out.extend_from_slice(&r.created_at.to_be_bytes());
         out.extend_from_slice(&r.changed_at.to_be_bytes());
+        out.push(r.disabled_from.map_or(0, state_code));
         match &r.material {
             Some(key) => {
                 out.push(1);
@@ -161,12 +219,53 @@ pub fn encode(ks: &Keystore, root: &RootKey) -> Result<Vec<u8>, FormatError> {
             None => out.push(0),
         }
     }
+    let count = u32::try_from(ks.history.len()).map_err(|_| corrupted("history too long"))?;
+    out.extend_from_slice(&count.to_be_bytes());
+    for h in &ks.history {
+        out.extend_from_slice(&h.at.to_be_bytes());
+        out.push(h.action.code());
+        put_id(&mut out, h.key_id.as_ref());
+        put_text(&mut out, &h.actor.user);
+        put_text(&mut out, &h.actor.host);
+    }
     let key = body_key(root, &nonce).map_err(|_| FormatError::Random)?;
     let (aad, body) = out.split_at_mut(header_len);
     let tag = seal_in_place(&key, &nonce, aad, body).map_err(|_| FormatError::Random)?;
     out.extend_from_slice(&tag);
     // The buffer now holds only sealed bytes; hand it out without a copy.
     Ok(std::mem::take(&mut *out))
+}
+
+/// Longest user or host string kept in the history.
+const MAX_TEXT_LEN: usize = 255;
+
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_TEXT_LEN {
+        return s;
+    }
+    let mut end = MAX_TEXT_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_id(out: &mut Vec<u8>, id: Option<&KeyId>) {
+    match id {
+        // KeyId guarantees 1..=64 bytes.
+        Some(id) => {
+            out.push(id.as_str().len() as u8);
+            out.extend_from_slice(id.as_str().as_bytes());
+        }
+        None => out.push(0),
+    }
+}
+
+fn put_text(out: &mut Vec<u8>, s: &str) {
+    let s = clip(s);
+    // clip bounds the length to 255.
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
 }
 
 fn body_key(root: &RootKey, nonce: &[u8; NONCE_LEN]) -> Result<SecretKey, CryptoError> {
@@ -194,26 +293,51 @@ fn state_from_code(code: u8) -> Option<KeyState> {
     })
 }
 
-fn decode_body(body: &[u8]) -> Result<Vec<KekRecord>, FormatError> {
+fn read_id(r: &mut Reader<'_>) -> Result<Option<KeyId>, FormatError> {
+    let len = r.u8().ok_or_else(|| corrupted("truncated key id"))?;
+    if len == 0 {
+        return Ok(None);
+    }
+    let bytes = r
+        .take(usize::from(len))
+        .ok_or_else(|| corrupted("truncated key id"))?;
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| KeyId::parse(s).ok())
+        .map(Some)
+        .ok_or_else(|| corrupted("invalid key id"))
+}
+
+fn read_text(r: &mut Reader<'_>) -> Result<String, FormatError> {
+    let len = r.u16().ok_or_else(|| corrupted("truncated history"))?;
+    let bytes = r
+        .take(usize::from(len))
+        .ok_or_else(|| corrupted("truncated history"))?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| corrupted("history text is not UTF-8"))
+}
+
+type Body = (Vec<KekRecord>, Vec<HistoryEntry>);
+
+fn decode_body(body: &[u8]) -> Result<Body, FormatError> {
     let mut r = Reader::new(body);
     let count = r.u32().ok_or_else(|| corrupted("truncated body"))?;
     let mut records = Vec::new();
     let mut seen = HashSet::new();
     for _ in 0..count {
-        let id_len = r.u8().ok_or_else(|| corrupted("truncated record"))?;
-        let id = r
-            .take(usize::from(id_len))
-            .ok_or_else(|| corrupted("truncated record"))?;
-        let id = std::str::from_utf8(id)
-            .ok()
-            .and_then(|s| KeyId::parse(s).ok())
-            .ok_or_else(|| corrupted("invalid key id"))?;
+        let id = read_id(&mut r)?.ok_or_else(|| corrupted("record without a key id"))?;
         let state = r
             .u8()
             .and_then(state_from_code)
             .ok_or_else(|| corrupted("invalid key state"))?;
         let created_at = r.i64().ok_or_else(|| corrupted("truncated record"))?;
         let changed_at = r.i64().ok_or_else(|| corrupted("truncated record"))?;
+        let disabled_from = match r.u8() {
+            Some(0) => None,
+            Some(code) => {
+                Some(state_from_code(code).ok_or_else(|| corrupted("invalid prior state"))?)
+            }
+            None => return Err(corrupted("truncated record")),
+        };
         let material = match r.u8() {
             Some(0) => None,
             Some(1) => {
@@ -240,11 +364,9 @@ fn decode_body(body: &[u8]) -> Result<Vec<KekRecord>, FormatError> {
             state,
             created_at,
             changed_at,
+            disabled_from,
             material,
         });
-    }
-    if r.pos != body.len() {
-        return Err(corrupted("trailing bytes after the last record"));
     }
     let primaries = records
         .iter()
@@ -255,7 +377,28 @@ fn decode_body(body: &[u8]) -> Result<Vec<KekRecord>, FormatError> {
             "{primaries} primary keys; exactly one is required"
         )));
     }
-    Ok(records)
+    let count = r.u32().ok_or_else(|| corrupted("truncated history"))?;
+    let mut history = Vec::new();
+    for _ in 0..count {
+        let at = r.i64().ok_or_else(|| corrupted("truncated history"))?;
+        let action = r
+            .u8()
+            .and_then(Action::from_code)
+            .ok_or_else(|| corrupted("invalid history action"))?;
+        let key_id = read_id(&mut r)?;
+        let user = read_text(&mut r)?;
+        let host = read_text(&mut r)?;
+        history.push(HistoryEntry {
+            at,
+            action,
+            key_id,
+            actor: Actor { user, host },
+        });
+    }
+    if r.pos != body.len() {
+        return Err(corrupted("trailing bytes after the history"));
+    }
+    Ok((records, history))
 }
 
 /// A bounds-checked cursor: every read returns `None` instead of panicking past the end.
@@ -311,8 +454,13 @@ mod tests {
     }
 
     fn sample() -> Keystore {
-        let mut ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
-        ks.rotate(OffsetDateTime::now_utc()).expect("rotate");
+        let actor = crate::keystore::model::tests::actor();
+        let mut ks = crate::keystore::model::tests::fresh();
+        ks.rotate(OffsetDateTime::now_utc(), &actor)
+            .expect("rotate");
+        let staged = ks.stage(OffsetDateTime::now_utc(), &actor).expect("stage");
+        ks.disable(staged.as_str(), OffsetDateTime::now_utc(), &actor)
+            .expect("disable");
         ks.generation = 7;
         ks
     }
@@ -321,20 +469,37 @@ mod tests {
     fn round_trip_keeps_every_field() {
         let ks = sample();
         let bytes = encode(&ks, &root(1)).expect("encode");
-        assert_eq!(peek_generation(&bytes), Ok(7));
+        assert_eq!(peek(&bytes).map(|h| h.generation), Ok(7));
         let back = decode(&bytes, &root(1)).expect("decode");
         assert_eq!(back.generation, 7);
-        assert_eq!(back.records.len(), 2);
+        assert_eq!(back.kdf, Kdf::KeyFile);
+        assert_eq!(back.records.len(), 3);
+        assert_eq!(back.history, ks.history);
         for (a, b) in ks.records.iter().zip(&back.records) {
             assert_eq!(a.id, b.id);
             assert_eq!(a.state, b.state);
             assert_eq!(a.created_at, b.created_at);
             assert_eq!(a.changed_at, b.changed_at);
+            assert_eq!(a.disabled_from, b.disabled_from);
             assert_eq!(
                 a.material.as_ref().map(|k| *k.expose()),
                 b.material.as_ref().map(|k| *k.expose())
             );
         }
+    }
+
+    #[test]
+    fn argon2_header_round_trips() {
+        let mut ks = sample();
+        ks.kdf = Kdf::Argon2id {
+            m_kib: 1024,
+            t: 2,
+            p: 1,
+            salt: [9u8; 16],
+        };
+        let bytes = encode(&ks, &root(1)).expect("encode");
+        assert_eq!(peek(&bytes).map(|h| h.kdf), Ok(ks.kdf.clone()));
+        assert_eq!(decode(&bytes, &root(1)).expect("decode").kdf, ks.kdf);
     }
 
     #[test]
@@ -376,7 +541,7 @@ mod tests {
     fn sealed_file_contains_no_key_material() {
         let ks = sample();
         let bytes = encode(&ks, &root(1)).expect("encode");
-        for r in &ks.records {
+        for r in ks.records.iter().filter(|r| r.material.is_some()) {
             let key = r.material.as_ref().expect("material").expose();
             assert!(!bytes.windows(KEY_LEN).any(|w| w == key));
             assert!(bytes

@@ -10,9 +10,9 @@ pub mod root_key;
 
 use std::path::PathBuf;
 
-pub use file::{create, load, update};
-pub use model::{KekRecord, KeyState, Keystore};
-pub use root_key::{RootKey, RootKeyError};
+pub use file::{create, load, reseal, update};
+pub use model::{Action, Actor, HistoryEntry, KekRecord, KeyState, Keystore, LifecycleError};
+pub use root_key::{Kdf, RootKey, RootKeyError, RootKeyProvider, RootKeySource};
 
 use crate::crypto::CryptoError;
 

@@ -1,11 +1,13 @@
-//! The keystore in memory: KEK records and the lifecycle rules that change them.
+//! The keystore in memory: KEK records, their audit history, and the lifecycle rules.
 
 use std::fmt;
 
 use time::OffsetDateTime;
 
+use super::root_key::Kdf;
 use crate::crypto::{CryptoError, SecretKey};
 use crate::key_id::KeyId;
+use crate::timefmt::rfc3339;
 
 /// Where a KEK is in its life (DESIGN.md §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,18 +36,19 @@ impl KeyState {
         }
     }
 
-    /// Whether a KEK in this state may open ciphertexts.
-    pub fn decrypts(self) -> bool {
-        matches!(
-            self,
-            KeyState::Staged | KeyState::Primary | KeyState::Retired
-        )
-    }
+    /// Every state, for metrics and listings.
+    pub const ALL: [KeyState; 5] = [
+        KeyState::Staged,
+        KeyState::Primary,
+        KeyState::Retired,
+        KeyState::Disabled,
+        KeyState::Destroyed,
+    ];
 }
 
 impl fmt::Display for KeyState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -57,8 +60,11 @@ pub struct KekRecord {
     pub state: KeyState,
     /// Creation time, Unix seconds.
     pub created_at: i64,
-    /// Time of the last state change, Unix seconds (the destruction time for a tombstone).
+    /// Time of the last state change, Unix seconds (the destruction time for a tombstone, the
+    /// promotion time for the primary).
     pub changed_at: i64,
+    /// For a disabled key, the state `keys enable` restores.
+    pub disabled_from: Option<KeyState>,
     /// The key; `None` only for a destroyed tombstone.
     pub material: Option<SecretKey>,
 }
@@ -76,7 +82,129 @@ impl fmt::Debug for KekRecord {
     }
 }
 
-/// A lifecycle rule refused a change.
+/// What a history entry records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The keystore was created.
+    Init,
+    /// A KEK was created as primary (by `keys rotate`).
+    Create,
+    /// A KEK was created as staged.
+    Stage,
+    /// A KEK became primary.
+    Promote,
+    /// A KEK was disabled.
+    Disable,
+    /// A KEK was re-enabled.
+    Enable,
+    /// A KEK's material was destroyed.
+    Destroy,
+    /// The keystore was re-sealed under a new root key.
+    RootKeyRotate,
+    /// The server rotated on its `--rotate-after` schedule.
+    ScheduledRotation,
+}
+
+impl Action {
+    /// The name shown in `keys history`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Init => "init",
+            Action::Create => "create",
+            Action::Stage => "stage",
+            Action::Promote => "promote",
+            Action::Disable => "disable",
+            Action::Enable => "enable",
+            Action::Destroy => "destroy",
+            Action::RootKeyRotate => "root-key-rotate",
+            Action::ScheduledRotation => "scheduled-rotation",
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Action::Init => 1,
+            Action::Create => 2,
+            Action::Stage => 3,
+            Action::Promote => 4,
+            Action::Disable => 5,
+            Action::Enable => 6,
+            Action::Destroy => 7,
+            Action::RootKeyRotate => 8,
+            Action::ScheduledRotation => 9,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => Action::Init,
+            2 => Action::Create,
+            3 => Action::Stage,
+            4 => Action::Promote,
+            5 => Action::Disable,
+            6 => Action::Enable,
+            7 => Action::Destroy,
+            8 => Action::RootKeyRotate,
+            9 => Action::ScheduledRotation,
+            _ => return None,
+        })
+    }
+}
+
+/// Who made a change, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// User name and uid, e.g. `alice (uid 1000)`.
+    pub user: String,
+    /// Host name.
+    pub host: String,
+}
+
+impl Actor {
+    /// The user and host running this process. The uid is the kernel's; the name comes from
+    /// `SUDO_USER` or `USER` when set, since there is no passwd lookup without libc.
+    pub fn current() -> Self {
+        let uid = rustix::process::getuid().as_raw();
+        let name = std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_default();
+        let user = if name.is_empty() {
+            format!("uid {uid}")
+        } else {
+            format!("{name} (uid {uid})")
+        };
+        let host = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+        Actor { user, host }
+    }
+
+    /// The running server, for scheduled rotations.
+    pub fn server() -> Self {
+        let mut actor = Self::current();
+        actor.user = format!("localkms serve, {}", actor.user);
+        actor
+    }
+}
+
+/// One line of the audit trail kept inside the sealed keystore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// When, Unix seconds.
+    pub at: i64,
+    /// What.
+    pub action: Action,
+    /// Which KEK, when the action concerns one.
+    pub key_id: Option<KeyId>,
+    /// Who and where.
+    pub actor: Actor,
+}
+
+/// How many history entries the keystore keeps; older ones are dropped first.
+pub const HISTORY_KEPT: usize = 1000;
+
+/// A lifecycle rule refused a change. Each message says what to do instead.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     /// The random source failed while creating a key.
@@ -85,28 +213,80 @@ pub enum LifecycleError {
     /// Could not find an unused key id (astronomically unlikely).
     #[error("cannot pick an unused key id; try again")]
     IdExhausted,
+    /// No such key.
+    #[error("there is no key {0} in this keystore; `localkms keys list` shows the ids")]
+    UnknownKey(String),
+    /// The key is already in the requested state.
+    #[error("key {id} is already {state}; nothing to do")]
+    AlreadyInState {
+        /// The key.
+        id: KeyId,
+        /// Its state.
+        state: KeyState,
+    },
+    /// Promote from a state that cannot encrypt.
+    #[error("key {id} is {state}; only a staged or retired key can be promoted{hint}")]
+    CannotPromote {
+        /// The key.
+        id: KeyId,
+        /// Its state.
+        state: KeyState,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// The primary must keep encrypting.
+    #[error("key {0} is the primary and encrypts every new write; rotate or promote another key first, then {1} it")]
+    PrimaryRefused(KeyId, &'static str),
+    /// Only disabled keys can be enabled.
+    #[error("key {id} is {state}, not disabled; `keys enable` only undoes `keys disable`")]
+    NotDisabled {
+        /// The key.
+        id: KeyId,
+        /// Its state.
+        state: KeyState,
+    },
+    /// A destroyed key cannot change state.
+    #[error("key {0} was destroyed at {1}; its material is gone and it cannot be used again")]
+    Destroyed(KeyId, String),
+    /// Destroy refused because the key decrypted recently.
+    #[error("key {id} decrypted data at {last}, within the last {grace_days} days, so data may still be sealed under it; finish storage migration, `localkms keys disable {id}` and watch for decrypt errors, or pass --force to destroy it anyway")]
+    RecentlyUsed {
+        /// The key.
+        id: KeyId,
+        /// Last decrypt, RFC 3339.
+        last: String,
+        /// The grace period.
+        grace_days: i64,
+    },
 }
 
-/// Every KEK the cluster's data may be sealed under, plus the write generation.
+/// Every KEK the cluster's data may be sealed under, the audit trail, and the write generation.
 #[derive(Debug)]
 pub struct Keystore {
     pub(crate) generation: u64,
+    pub(crate) kdf: Kdf,
     pub(crate) records: Vec<KekRecord>,
+    pub(crate) history: Vec<HistoryEntry>,
 }
 
-/// The current time as Unix seconds.
-pub fn now_unix() -> i64 {
-    OffsetDateTime::now_utc().unix_timestamp()
-}
+/// How long after its last decrypt a key may not be destroyed without `--force`.
+pub const DESTROY_GRACE_DAYS: i64 = 7;
 
 impl Keystore {
     /// A new keystore holding one fresh primary KEK, at generation 1.
-    pub fn new_with_primary(now: OffsetDateTime) -> Result<Self, LifecycleError> {
+    pub fn new_with_primary(
+        now: OffsetDateTime,
+        kdf: Kdf,
+        actor: &Actor,
+    ) -> Result<Self, LifecycleError> {
         let mut ks = Keystore {
             generation: 1,
+            kdf,
             records: Vec::new(),
+            history: Vec::new(),
         };
-        ks.create_key(now, KeyState::Primary)?;
+        let id = ks.create_key(now, KeyState::Primary)?;
+        ks.record(now, Action::Init, Some(id), actor);
         Ok(ks)
     }
 
@@ -115,9 +295,19 @@ impl Keystore {
         self.generation
     }
 
+    /// How the root key is derived for this keystore.
+    pub fn kdf(&self) -> &Kdf {
+        &self.kdf
+    }
+
     /// All records, oldest first.
     pub fn records(&self) -> &[KekRecord] {
         &self.records
+    }
+
+    /// The audit trail, oldest first.
+    pub fn history(&self) -> &[HistoryEntry] {
+        &self.history
     }
 
     /// The primary record, if any.
@@ -131,7 +321,47 @@ impl Keystore {
     }
 
     /// Creates a new KEK and makes it primary; the old primary becomes retired (decrypt only).
-    pub fn rotate(&mut self, now: OffsetDateTime) -> Result<KeyId, LifecycleError> {
+    pub fn rotate(&mut self, now: OffsetDateTime, actor: &Actor) -> Result<KeyId, LifecycleError> {
+        let id = self.create_key(now, KeyState::Staged)?;
+        self.record(now, Action::Create, Some(id.clone()), actor);
+        self.promote(id.as_str(), now, actor)?;
+        Ok(id)
+    }
+
+    /// Creates a new KEK as staged: it decrypts but does not encrypt until promoted, so it can
+    /// reach every node before any node uses it.
+    pub fn stage(&mut self, now: OffsetDateTime, actor: &Actor) -> Result<KeyId, LifecycleError> {
+        let id = self.create_key(now, KeyState::Staged)?;
+        self.record(now, Action::Stage, Some(id.clone()), actor);
+        Ok(id)
+    }
+
+    /// Makes a staged or retired KEK primary; the old primary becomes retired.
+    pub fn promote(
+        &mut self,
+        id: &str,
+        now: OffsetDateTime,
+        actor: &Actor,
+    ) -> Result<(), LifecycleError> {
+        let idx = self.find(id)?;
+        let rec = &self.records[idx];
+        match rec.state {
+            KeyState::Staged | KeyState::Retired => {}
+            KeyState::Primary => {
+                return Err(LifecycleError::AlreadyInState {
+                    id: rec.id.clone(),
+                    state: rec.state,
+                })
+            }
+            KeyState::Disabled => {
+                return Err(LifecycleError::CannotPromote {
+                    id: rec.id.clone(),
+                    state: rec.state,
+                    hint: "; `localkms keys enable` it first",
+                })
+            }
+            KeyState::Destroyed => return Err(self.destroyed_error(idx)),
+        }
         let ts = now.unix_timestamp();
         for r in self
             .records
@@ -141,7 +371,170 @@ impl Keystore {
             r.state = KeyState::Retired;
             r.changed_at = ts;
         }
-        self.create_key(now, KeyState::Primary)
+        let rec = &mut self.records[idx];
+        rec.state = KeyState::Primary;
+        rec.changed_at = ts;
+        let key_id = rec.id.clone();
+        self.record(now, Action::Promote, Some(key_id), actor);
+        Ok(())
+    }
+
+    /// Stops a KEK from decrypting, reversibly: the safe way to prove nothing needs it.
+    pub fn disable(
+        &mut self,
+        id: &str,
+        now: OffsetDateTime,
+        actor: &Actor,
+    ) -> Result<(), LifecycleError> {
+        let idx = self.find(id)?;
+        let rec = &self.records[idx];
+        match rec.state {
+            KeyState::Primary => {
+                return Err(LifecycleError::PrimaryRefused(rec.id.clone(), "disable"))
+            }
+            KeyState::Disabled => {
+                return Err(LifecycleError::AlreadyInState {
+                    id: rec.id.clone(),
+                    state: rec.state,
+                })
+            }
+            KeyState::Destroyed => return Err(self.destroyed_error(idx)),
+            KeyState::Staged | KeyState::Retired => {}
+        }
+        let rec = &mut self.records[idx];
+        rec.disabled_from = Some(rec.state);
+        rec.state = KeyState::Disabled;
+        rec.changed_at = now.unix_timestamp();
+        let key_id = rec.id.clone();
+        self.record(now, Action::Disable, Some(key_id), actor);
+        Ok(())
+    }
+
+    /// Undoes [`disable`](Self::disable): the KEK returns to the state it had.
+    pub fn enable(
+        &mut self,
+        id: &str,
+        now: OffsetDateTime,
+        actor: &Actor,
+    ) -> Result<(), LifecycleError> {
+        let idx = self.find(id)?;
+        let rec = &self.records[idx];
+        match rec.state {
+            KeyState::Disabled => {}
+            KeyState::Destroyed => return Err(self.destroyed_error(idx)),
+            state => {
+                return Err(LifecycleError::NotDisabled {
+                    id: rec.id.clone(),
+                    state,
+                })
+            }
+        }
+        let rec = &mut self.records[idx];
+        rec.state = rec.disabled_from.take().unwrap_or(KeyState::Retired);
+        rec.changed_at = now.unix_timestamp();
+        let key_id = rec.id.clone();
+        self.record(now, Action::Enable, Some(key_id), actor);
+        Ok(())
+    }
+
+    /// Wipes a KEK's material, keeping a tombstone (id and time) so errors can say what
+    /// happened. Refuses the primary, and a KEK whose last decrypt (`last_decrypt_at`, Unix
+    /// seconds, from the usage file) is within [`DESTROY_GRACE_DAYS`] unless `force`.
+    pub fn destroy(
+        &mut self,
+        id: &str,
+        now: OffsetDateTime,
+        actor: &Actor,
+        last_decrypt_at: Option<i64>,
+        force: bool,
+    ) -> Result<(), LifecycleError> {
+        let idx = self.find(id)?;
+        let rec = &self.records[idx];
+        match rec.state {
+            KeyState::Primary => {
+                return Err(LifecycleError::PrimaryRefused(rec.id.clone(), "destroy"))
+            }
+            KeyState::Destroyed => return Err(self.destroyed_error(idx)),
+            _ => {}
+        }
+        let ts = now.unix_timestamp();
+        if let Some(last) = last_decrypt_at {
+            if !force && ts - last < DESTROY_GRACE_DAYS * 86_400 {
+                return Err(LifecycleError::RecentlyUsed {
+                    id: rec.id.clone(),
+                    last: rfc3339(last),
+                    grace_days: DESTROY_GRACE_DAYS,
+                });
+            }
+        }
+        let rec = &mut self.records[idx];
+        rec.state = KeyState::Destroyed;
+        rec.disabled_from = None;
+        rec.changed_at = ts;
+        // Dropping the key wipes it.
+        rec.material = None;
+        let key_id = rec.id.clone();
+        self.record(now, Action::Destroy, Some(key_id), actor);
+        Ok(())
+    }
+
+    /// If the primary has been primary for longer than `max_age_secs`, rotates and returns the
+    /// new id. Checked under the keystore lock, so two servers cannot both rotate.
+    pub fn rotate_if_older(
+        &mut self,
+        max_age_secs: i64,
+        now: OffsetDateTime,
+        actor: &Actor,
+    ) -> Result<Option<KeyId>, LifecycleError> {
+        let due = self
+            .primary()
+            .is_some_and(|p| now.unix_timestamp() - p.changed_at >= max_age_secs);
+        if !due {
+            return Ok(None);
+        }
+        let id = self.create_key(now, KeyState::Staged)?;
+        self.promote(id.as_str(), now, actor)?;
+        // Replace the promote entry with one that says why.
+        if let Some(last) = self.history.last_mut() {
+            last.action = Action::ScheduledRotation;
+        }
+        Ok(Some(id))
+    }
+
+    /// Records a root-key rotation in the history; the caller swaps the KDF.
+    pub fn record_root_key_rotation(&mut self, now: OffsetDateTime, actor: &Actor) {
+        self.record(now, Action::RootKeyRotate, None, actor);
+    }
+
+    fn destroyed_error(&self, idx: usize) -> LifecycleError {
+        let rec = &self.records[idx];
+        LifecycleError::Destroyed(rec.id.clone(), rfc3339(rec.changed_at))
+    }
+
+    fn find(&self, id: &str) -> Result<usize, LifecycleError> {
+        self.records
+            .iter()
+            .position(|r| r.id.as_str() == id)
+            .ok_or_else(|| LifecycleError::UnknownKey(id.chars().take(80).collect()))
+    }
+
+    fn record(
+        &mut self,
+        now: OffsetDateTime,
+        action: Action,
+        key_id: Option<KeyId>,
+        actor: &Actor,
+    ) {
+        self.history.push(HistoryEntry {
+            at: now.unix_timestamp(),
+            action,
+            key_id,
+            actor: actor.clone(),
+        });
+        if self.history.len() > HISTORY_KEPT {
+            let excess = self.history.len() - HISTORY_KEPT;
+            self.history.drain(..excess);
+        }
     }
 
     fn create_key(
@@ -156,6 +549,7 @@ impl Keystore {
             state,
             created_at: ts,
             changed_at: ts,
+            disabled_from: None,
             material: Some(SecretKey::generate()?),
         });
         Ok(id)
@@ -173,27 +567,75 @@ impl Keystore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    pub(crate) fn actor() -> Actor {
+        Actor {
+            user: "tester (uid 1)".into(),
+            host: "node-1".into(),
+        }
+    }
+
+    pub(crate) fn fresh() -> Keystore {
+        Keystore::new_with_primary(OffsetDateTime::now_utc(), Kdf::KeyFile, &actor()).expect("new")
+    }
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    /// A deep copy, keys included: tests only (the product never clones key material).
+    pub(crate) fn clone_for_test(ks: &Keystore) -> Keystore {
+        Keystore {
+            generation: ks.generation,
+            kdf: ks.kdf.clone(),
+            records: ks
+                .records
+                .iter()
+                .map(|r| KekRecord {
+                    id: r.id.clone(),
+                    state: r.state,
+                    created_at: r.created_at,
+                    changed_at: r.changed_at,
+                    disabled_from: r.disabled_from,
+                    material: r
+                        .material
+                        .as_ref()
+                        .and_then(|k| SecretKey::from_slice(k.expose())),
+                })
+                .collect(),
+            history: ks.history.clone(),
+        }
+    }
+
+    fn state_of(ks: &Keystore, id: &KeyId) -> KeyState {
+        ks.records()
+            .iter()
+            .find(|r| &r.id == id)
+            .expect("present")
+            .state
+    }
+
     #[test]
-    fn new_keystore_has_one_primary() {
-        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+    fn new_keystore_has_one_primary_and_an_init_entry() {
+        let ks = fresh();
         assert_eq!(ks.records().len(), 1);
         assert_eq!(ks.records()[0].state, KeyState::Primary);
         assert_eq!(ks.generation(), 1);
+        assert_eq!(ks.history().len(), 1);
+        assert_eq!(ks.history()[0].action, Action::Init);
+        assert_eq!(ks.history()[0].actor, actor());
     }
 
     #[test]
     fn rotate_retires_the_old_primary() {
-        let mut ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let mut ks = fresh();
         let old = ks.records()[0].id.clone();
-        let new = ks.rotate(OffsetDateTime::now_utc()).expect("rotate");
+        let new = ks.rotate(now(), &actor()).expect("rotate");
         assert_ne!(old, new);
         assert_eq!(ks.primary().map(|r| &r.id), Some(&new));
-        let old_rec = ks.records().iter().find(|r| r.id == old).expect("old kept");
-        assert_eq!(old_rec.state, KeyState::Retired);
-        assert!(old_rec.material.is_some());
+        assert_eq!(state_of(&ks, &old), KeyState::Retired);
         assert_eq!(
             ks.records()
                 .iter()
@@ -201,11 +643,126 @@ mod tests {
                 .count(),
             1
         );
+        let actions: Vec<_> = ks.history().iter().map(|h| h.action).collect();
+        assert_eq!(actions, vec![Action::Init, Action::Create, Action::Promote]);
+    }
+
+    #[test]
+    fn stage_then_promote() {
+        let mut ks = fresh();
+        let old = ks.primary().expect("primary").id.clone();
+        let staged = ks.stage(now(), &actor()).expect("stage");
+        assert_eq!(state_of(&ks, &staged), KeyState::Staged);
+        assert_eq!(
+            ks.primary().expect("primary").id,
+            old,
+            "staging must not switch"
+        );
+        ks.promote(staged.as_str(), now(), &actor())
+            .expect("promote");
+        assert_eq!(state_of(&ks, &staged), KeyState::Primary);
+        assert_eq!(state_of(&ks, &old), KeyState::Retired);
+        // And back: a retired key can be promoted again.
+        ks.promote(old.as_str(), now(), &actor())
+            .expect("promote back");
+        assert_eq!(state_of(&ks, &staged), KeyState::Retired);
+    }
+
+    #[test]
+    fn disable_enable_restores_the_previous_state() {
+        let mut ks = fresh();
+        let primary = ks.primary().expect("primary").id.clone();
+        let staged = ks.stage(now(), &actor()).expect("stage");
+        let err = ks
+            .disable(primary.as_str(), now(), &actor())
+            .expect_err("primary");
+        assert!(
+            err.to_string()
+                .contains("rotate or promote another key first"),
+            "{err}"
+        );
+        ks.disable(staged.as_str(), now(), &actor())
+            .expect("disable");
+        assert_eq!(state_of(&ks, &staged), KeyState::Disabled);
+        assert!(ks.promote(staged.as_str(), now(), &actor()).is_err());
+        assert!(ks.disable(staged.as_str(), now(), &actor()).is_err());
+        ks.enable(staged.as_str(), now(), &actor()).expect("enable");
+        assert_eq!(state_of(&ks, &staged), KeyState::Staged);
+        let err = ks
+            .enable(staged.as_str(), now(), &actor())
+            .expect_err("not disabled");
+        assert!(matches!(err, LifecycleError::NotDisabled { .. }));
+    }
+
+    #[test]
+    fn destroy_rules() {
+        let mut ks = fresh();
+        let old = ks.primary().expect("primary").id.clone();
+        let new = ks.rotate(now(), &actor()).expect("rotate");
+        assert!(matches!(
+            ks.destroy(new.as_str(), now(), &actor(), None, true),
+            Err(LifecycleError::PrimaryRefused(..))
+        ));
+        let recent = now().unix_timestamp() - 3600;
+        let err = ks
+            .destroy(old.as_str(), now(), &actor(), Some(recent), false)
+            .expect_err("recently used");
+        assert!(err.to_string().contains("--force"), "{err}");
+        let long_ago = now().unix_timestamp() - 8 * 86_400;
+        ks.destroy(old.as_str(), now(), &actor(), Some(long_ago), false)
+            .expect("old enough");
+        let rec = ks
+            .records()
+            .iter()
+            .find(|r| r.id == old)
+            .expect("tombstone kept");
+        assert_eq!(rec.state, KeyState::Destroyed);
+        assert!(rec.material.is_none());
+        let err = ks
+            .enable(old.as_str(), now(), &actor())
+            .expect_err("destroyed");
+        assert!(err.to_string().contains("destroyed at"), "{err}");
+        assert!(matches!(
+            ks.destroy("kek-nope", now(), &actor(), None, true),
+            Err(LifecycleError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn scheduled_rotation_only_when_due() {
+        let mut ks = fresh();
+        assert!(ks
+            .rotate_if_older(3600, now(), &actor())
+            .expect("check")
+            .is_none());
+        let later = now() + time::Duration::hours(2);
+        let id = ks
+            .rotate_if_older(3600, later, &actor())
+            .expect("rotate")
+            .expect("due");
+        assert_eq!(ks.primary().expect("primary").id, id);
+        assert_eq!(
+            ks.history().last().expect("entry").action,
+            Action::ScheduledRotation
+        );
+        assert!(ks
+            .rotate_if_older(3600, later, &actor())
+            .expect("check")
+            .is_none());
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut ks = fresh();
+        for _ in 0..(HISTORY_KEPT / 2 + 10) {
+            ks.rotate(now(), &actor()).expect("rotate");
+        }
+        assert_eq!(ks.history().len(), HISTORY_KEPT);
     }
 
     #[test]
     fn debug_never_shows_material() {
-        let ks = Keystore::new_with_primary(OffsetDateTime::now_utc()).expect("new");
+        let ks = fresh();
         let text = format!("{ks:?}");
         assert!(text.contains("has_material: true"));
         let key = ks.records()[0]

@@ -15,10 +15,11 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 
 use crate::keyring::{Keyring, SharedKeyring};
-use crate::keystore::{self, KeystoreError, RootKey};
+use crate::keystore::{self, KeystoreError, RootKeyProvider, RootKeySource};
 use crate::proto::v1beta1::key_management_service_server::KeyManagementServiceServer as V1Server;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::reload::Reloader;
+use crate::usage::{self, UsageTracker};
 pub use status::code_for;
 pub use v1::V1Service;
 pub use v2::{StatusVersion, V2Service};
@@ -90,10 +91,12 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     /// Keystore file.
     pub keystore: PathBuf,
-    /// Root key file.
-    pub root_key_file: PathBuf,
+    /// Where the root key comes from.
+    pub root: RootKeySource,
     /// What Status reports as version.
     pub status_version: StatusVersion,
+    /// Rotate when the primary has been primary this long (single-node clusters).
+    pub rotate_after: Option<Duration>,
 }
 
 /// Loads the keystore, binds the socket, serves until `shutdown`, and keeps the keyring in
@@ -102,9 +105,18 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let root = Arc::new(RootKey::load(&config.root_key_file).map_err(KeystoreError::from)?);
+    let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
     let ks = keystore::load(&config.keystore, &root)?;
-    let ring = Keyring::from_keystore(ks);
+    let usage_path = usage::usage_path(&config.keystore);
+    let usage = match usage::read_usage(&usage_path) {
+        Ok(file) => UsageTracker::from_file(&file),
+        Err(e) => {
+            tracing::warn!(error = %e, "starting key usage counts from zero");
+            UsageTracker::default()
+        }
+    };
+    let history = ks.history().to_vec();
+    let ring = Keyring::from_keystore(ks, Arc::new(usage));
     if !ring.healthy() {
         return Err(ServerError::SelfTest(config.keystore));
     }
@@ -132,8 +144,20 @@ pub async fn serve(
             "abstract socket without a caller allow-list: any process in this network namespace can connect"
         ),
     }
+    if let Some(after) = config.rotate_after {
+        tracing::info!(
+            rotate_after = %humantime::format_duration(after),
+            "scheduled rotation on: safe on a single node only (other nodes would not hold the new key)"
+        );
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let reloader = Reloader::new(config.keystore.clone(), Arc::clone(&root), keyring.clone());
+    let reloader = Reloader::new(
+        config.keystore.clone(),
+        Arc::clone(&root),
+        keyring.clone(),
+        history,
+    )
+    .with_rotate_after(config.rotate_after);
     let mut reload_stop = stop_rx.clone();
     let watcher = tokio::spawn(reloader.watch(async move {
         let _ = reload_stop.wait_for(|stop| *stop).await;
