@@ -177,8 +177,8 @@ impl Reloader {
         };
         for h in &history[start..] {
             tracing::info!(
-                action = h.action.as_str(),
-                key_id = h.key_id.as_ref().map(|k| k.as_str()).unwrap_or("-"),
+                action = %h.action.as_str(),
+                key_id = %h.key_id.as_ref().map(|k| k.as_str()).unwrap_or("-"),
                 by = %h.actor.user,
                 host = %h.actor.host,
                 at = %crate::timefmt::rfc3339(h.at),
