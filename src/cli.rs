@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::keystore::RootKeySource;
 use crate::server::StatusVersion;
+use crate::telemetry::LogFormat;
 
 /// localkms: a Kubernetes KMS v2 plugin with locally managed, rotatable key-encryption keys.
 #[derive(Debug, Parser)]
@@ -15,6 +16,17 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, env = "LOCALKMS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or filter (`info`, `debug`, `localkms=debug,h2=info`); RUST_LOG overrides it.
+    #[arg(
+        long,
+        global = true,
+        env = "LOCALKMS_LOG_LEVEL",
+        default_value = "info"
+    )]
+    pub log_level: String,
 }
 
 /// The subcommands.
@@ -51,6 +63,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load-test any KMS v2 or v1 plugin socket.
+    Bench(BenchArgs),
     /// Status → Encrypt → Decrypt against any KMS v2 plugin; exits 0 only if all of it holds.
     Check {
         /// The plugin's socket.
@@ -235,6 +249,126 @@ pub struct ServeArgs {
     /// Single-node clusters only: other nodes would not hold the new key.
     #[arg(long, env = "LOCALKMS_ROTATE_AFTER", value_parser = parse_duration)]
     pub rotate_after: Option<Duration>,
+    /// Serve only peers with this uid (SO_PEERCRED; repeatable, or comma-separated).
+    #[arg(long, env = "LOCALKMS_ALLOW_UID", value_delimiter = ',')]
+    pub allow_uid: Vec<u32>,
+    /// Serve only peers with this gid (repeatable, or comma-separated).
+    #[arg(long, env = "LOCALKMS_ALLOW_GID", value_delimiter = ',')]
+    pub allow_gid: Vec<u32>,
+    /// Socket file mode, in octal.
+    #[arg(long, env = "LOCALKMS_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Group (name or gid) to own the socket file, e.g. with --socket-mode 0660 for an
+    /// apiserver running as a non-root user.
+    #[arg(long, env = "LOCALKMS_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
+    /// Connections open at once; more clients wait in the socket backlog.
+    #[arg(long, env = "LOCALKMS_MAX_CONNECTIONS", default_value_t = 128)]
+    pub max_connections: usize,
+    /// Requests in flight at once; beyond it requests get ResourceExhausted.
+    #[arg(long, env = "LOCALKMS_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Longest a request may take.
+    #[arg(long, env = "LOCALKMS_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// A client must send its HTTP/2 preface within this time.
+    #[arg(long, env = "LOCALKMS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Serve /metrics, /healthz, /readyz and /livez on this address (loopback only unless
+    /// --metrics-allow-non-loopback). Off unless set.
+    #[arg(long, env = "LOCALKMS_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow --metrics-addr on a non-loopback address.
+    #[arg(long, env = "LOCALKMS_METRICS_ALLOW_NON_LOOPBACK")]
+    pub metrics_allow_non_loopback: bool,
+    /// Do NOT refuse a keystore that other users can read or that another user owns. For
+    /// unusual setups only; the check exists because the keystore holds every KEK.
+    #[arg(long)]
+    pub insecure_skip_file_checks: bool,
+}
+
+/// `bench` options.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The plugin's socket.
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// Which API to drive.
+    #[arg(long, value_enum, default_value_t = BenchApi::V2)]
+    pub api: BenchApi,
+    /// Which operation.
+    #[arg(long, value_enum, default_value_t = BenchOp::Encrypt)]
+    pub op: BenchOp,
+    /// Concurrent requests.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Connections (the concurrent requests share them round-robin).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Run for this long (default 10s unless --requests is given).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "requests")]
+    pub duration: Option<Duration>,
+    /// Stop after this many requests.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Plaintext bytes per Encrypt.
+    #[arg(long, default_value_t = 32)]
+    pub plaintext_size: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bench --api` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchApi {
+    /// KMS v2.
+    V2,
+    /// KMS v1 (v1beta1).
+    V1,
+}
+
+/// `bench --op` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchOp {
+    /// Encrypt a fresh plaintext each time.
+    Encrypt,
+    /// Decrypt one ciphertext made before the run.
+    Decrypt,
+    /// Status (v2) or Version (v1).
+    Status,
+    /// Encrypt then decrypt (counts as two requests).
+    Mixed,
+}
+
+/// Parses an octal file mode such as `0600` or `660`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 0600"))?;
+    if mode > 0o777 {
+        return Err(format!("{s} is not a permission mode (at most 0777)"));
+    }
+    Ok(mode)
+}
+
+/// Resolves a group name (from /etc/group) or numeric gid.
+pub fn resolve_group(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").map_err(|e| {
+        format!("cannot read /etc/group to find group {name:?}: {e}; pass a numeric gid")
+    })?;
+    groups
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let n = fields.next()?;
+            let gid = fields.nth(1)?.parse::<u32>().ok()?;
+            (n == name).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("no group named {name:?} in /etc/group; pass a numeric gid"))
 }
 
 /// Parses `90d`, `12h`, `30s`, `1h30m`; at least one second.
@@ -304,6 +438,17 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn modes_and_groups() {
+        assert_eq!(parse_mode("0600"), Ok(0o600));
+        assert_eq!(parse_mode("660"), Ok(0o660));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("7777").is_err());
+        assert_eq!(resolve_group("0"), Ok(0));
+        assert_eq!(resolve_group("root"), Ok(0));
+        assert!(resolve_group("no-such-group-here").is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library, so the end-to-end tests and
 //! the benchmarks drive the same code paths the plugin runs.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod crypto;
 pub mod dev;
+pub mod hardening;
 pub mod key_id;
 pub mod keyring;
 pub mod keystore;

@@ -14,8 +14,11 @@ use localkms::{admin, client, dev, telemetry, usage};
 use time::OffsetDateTime;
 
 fn main() -> std::process::ExitCode {
+    // Before any key is read: no core dumps, not dumpable.
+    let hardening = localkms::hardening::harden_process();
     let cli = Cli::parse();
-    telemetry::init_logging();
+    telemetry::init_logging(cli.log_format, &cli.log_level);
+    localkms::hardening::report(&hardening);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -98,6 +101,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "version: {}\nhealthz: {}\nkey_id:  {}",
                     report.version, report.healthz, report.key_id
                 );
+            }
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let opts = client::BenchOptions {
+                endpoint: args.socket.socket.clone(),
+                api: args.api,
+                op: args.op,
+                concurrency: args.concurrency,
+                connections: args.connections,
+                duration: args.duration.unwrap_or(Duration::from_secs(10)),
+                requests: args.requests,
+                plaintext_size: args.plaintext_size,
+                progress: true,
+            };
+            let report = runtime()?.block_on(client::bench(opts))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.text());
             }
             Ok(())
         }
@@ -239,7 +262,28 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn limits(args: &ServeArgs) -> server::Limits {
+    server::Limits {
+        accept: server::AcceptPolicy {
+            allow_uids: args.allow_uid.clone(),
+            allow_gids: args.allow_gid.clone(),
+            max_connections: args.max_connections,
+            handshake_timeout: args.handshake_timeout,
+        },
+        max_in_flight: args.max_in_flight,
+        request_timeout: args.request_timeout,
+        ..server::Limits::default()
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let limits = limits(&args);
+    let socket_group = args
+        .socket_group
+        .as_deref()
+        .map(localkms::cli::resolve_group)
+        .transpose()
+        .map_err(|e| anyhow!(e))?;
     let config = if args.dev {
         let setup = dev::prepare(Path::new(dev::DEV_DIR))?;
         eprintln!("{}", dev::banner(&setup));
@@ -250,11 +294,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         ServeConfig {
             socket,
-            socket_mode: 0o600,
+            socket_mode: args.socket_mode,
+            socket_group,
             keystore: setup.keystore,
             root: RootKeySource::KeyFile(setup.root_key_file),
             status_version: args.status_version.into(),
             rotate_after: args.rotate_after,
+            limits,
+            metrics_addr: args.metrics_addr,
+            metrics_allow_non_loopback: args.metrics_allow_non_loopback,
+            insecure_skip_file_checks: args.insecure_skip_file_checks,
         }
     } else {
         let root = match (args.root_key_file, args.passphrase_file) {
@@ -269,11 +318,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let missing = || anyhow!("serve needs --socket and --keystore (or --dev)");
         ServeConfig {
             socket: server::socket::parse_endpoint(&args.socket.ok_or_else(missing)?)?,
-            socket_mode: 0o600,
+            socket_mode: args.socket_mode,
+            socket_group,
             keystore: args.keystore.ok_or_else(missing)?,
             root,
             status_version: args.status_version.into(),
             rotate_after: args.rotate_after,
+            limits,
+            metrics_addr: args.metrics_addr,
+            metrics_allow_non_loopback: args.metrics_allow_non_loopback,
+            insecure_skip_file_checks: args.insecure_skip_file_checks,
         }
     };
     runtime()?.block_on(server::serve(config, shutdown_signal()))?;

@@ -1,8 +1,10 @@
 //! Client commands that talk to any KMS v2 plugin socket: `status` and `check`.
 
+pub mod bench;
 mod check;
 mod connect;
 
+pub use bench::{bench, BenchOptions, BenchReport};
 pub use check::{check, CheckReport};
 pub use connect::connect;
 

@@ -45,7 +45,7 @@ pub fn open_in_place(
 
 /// Derives a 32-byte key from `ikm` with HKDF-SHA256 (RFC 5869), using `salt` and `info`.
 pub fn derive_key(ikm: &SecretKey, salt: &[u8], info: &[u8]) -> Result<SecretKey, CryptoError> {
-    let mut out = SecretKey::zeroed();
+    let mut out = SecretKey::zeroed_ephemeral();
     hkdf_sha256(ikm.expose(), salt, info, out.expose_mut())?;
     Ok(out)
 }

@@ -3,6 +3,7 @@
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
+use super::locked::LockedPage;
 use super::CryptoError;
 
 /// Length in bytes of every symmetric key localkms holds (root key, KEKs, derived keys).
@@ -11,16 +12,22 @@ pub const KEY_LEN: usize = 32;
 /// 32 bytes of key material that is wiped when dropped.
 ///
 /// The bytes live in one heap allocation that is filled in place and never moved, so no stray
-/// copy is left on the stack or in a reallocated buffer. Deliberately without `Debug`,
-/// `Display` or `Clone`: key material cannot be formatted into a log line or duplicated by
-/// accident.
-pub struct SecretKey(Box<Zeroizing<[u8; KEY_LEN]>>);
+/// copy is left on the stack or in a reallocated buffer. Long-lived keys (KEKs, root keys) get
+/// a page of their own, locked in memory and excluded from core dumps; short-lived per-message
+/// keys skip the two system calls that costs. Deliberately without `Debug`, `Display` or
+/// `Clone`: key material cannot be formatted into a log line or duplicated by accident.
+pub struct SecretKey(Storage);
+
+enum Storage {
+    Locked(Box<LockedPage>),
+    Ephemeral(Box<Zeroizing<[u8; KEY_LEN]>>),
+}
 
 impl SecretKey {
     /// Draws a fresh key from the OS CSPRNG.
     pub fn generate() -> Result<Self, CryptoError> {
         let mut key = Self::zeroed();
-        fill_random(&mut key.0[..])?;
+        fill_random(key.expose_mut())?;
         Ok(key)
     }
 
@@ -32,23 +39,34 @@ impl SecretKey {
             return None;
         }
         let mut key = Self::zeroed();
-        key.0.copy_from_slice(bytes);
+        key.expose_mut().copy_from_slice(bytes);
         Some(key)
     }
 
-    /// A key of zeros, to be filled in place.
+    /// A long-lived key of zeros in a locked page, to be filled in place.
     pub(crate) fn zeroed() -> Self {
-        SecretKey(Box::new(Zeroizing::new([0u8; KEY_LEN])))
+        SecretKey(Storage::Locked(LockedPage::new()))
+    }
+
+    /// A short-lived key of zeros (per-message keys), to be filled in place.
+    pub(crate) fn zeroed_ephemeral() -> Self {
+        SecretKey(Storage::Ephemeral(Box::new(Zeroizing::new([0u8; KEY_LEN]))))
     }
 
     /// The raw bytes, for the primitives in this module and for sealing into the keystore body.
     pub fn expose(&self) -> &[u8; KEY_LEN] {
-        &self.0
+        match &self.0 {
+            Storage::Locked(page) => page.bytes(),
+            Storage::Ephemeral(bytes) => bytes,
+        }
     }
 
     /// Mutable access for code that fills a key in place (derivation, keystore decoding).
     pub(crate) fn expose_mut(&mut self) -> &mut [u8; KEY_LEN] {
-        &mut self.0
+        match &mut self.0 {
+            Storage::Locked(page) => page.bytes_mut(),
+            Storage::Ephemeral(bytes) => bytes,
+        }
     }
 }
 

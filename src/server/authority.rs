@@ -10,6 +10,7 @@
 //! server's decoder state always matches what it receives. All other frames, and the whole
 //! server-to-client direction, pass through untouched.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -329,15 +330,37 @@ pub struct AuthorityShim<S> {
     inner: S,
     rewriter: Rewriter,
     eof: bool,
+    /// Until the HTTP/2 preface has arrived: when to give up on the client.
+    handshake_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The connection slot this connection occupies; freed when it closes.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<S> AuthorityShim<S> {
-    /// Wraps a freshly accepted connection.
-    pub fn new(inner: S) -> Self {
+    /// Wraps a freshly accepted connection that must send its HTTP/2 preface within
+    /// `handshake_timeout`, holding `slot` until it closes.
+    pub fn new(
+        inner: S,
+        handshake_timeout: std::time::Duration,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
         AuthorityShim {
             inner,
             rewriter: Rewriter::new(),
             eof: false,
+            handshake_deadline: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+            _slot: Some(slot),
+        }
+    }
+
+    /// Wraps a connection with no deadline or slot (tests).
+    pub fn unbounded(inner: S) -> Self {
+        AuthorityShim {
+            inner,
+            rewriter: Rewriter::new(),
+            eof: false,
+            handshake_deadline: None,
+            _slot: None,
         }
     }
 
@@ -354,6 +377,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(deadline) = this.handshake_deadline.as_mut() {
+            if this.rewriter.stage != Stage::Preface {
+                this.handshake_deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client did not send the HTTP/2 preface in time",
+                )));
+            }
+        }
         loop {
             let out = this.rewriter.output();
             if !out.is_empty() {

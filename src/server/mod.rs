@@ -1,6 +1,7 @@
-//! The gRPC server on the Unix socket: the KMS services, message limits and graceful drain.
+//! The gRPC server on the Unix socket: the KMS services, limits, and graceful drain.
 
 pub mod authority;
+pub mod guard;
 pub mod incoming;
 pub mod socket;
 mod status;
@@ -8,6 +9,7 @@ pub mod v1;
 pub mod v2;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,16 +21,22 @@ use crate::keystore::{self, KeystoreError, RootKeyProvider, RootKeySource};
 use crate::proto::v1beta1::key_management_service_server::KeyManagementServiceServer as V1Server;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::reload::Reloader;
+use crate::telemetry::http as endpoints;
+use crate::telemetry::metrics::Metrics;
 use crate::usage::{self, UsageTracker};
+pub use guard::{GuardConfig, GuardLayer};
+pub use incoming::AcceptPolicy;
 pub use status::code_for;
 pub use v1::V1Service;
 pub use v2::{StatusVersion, V2Service};
 
-/// Largest request accepted: a Decrypt with the apiserver's 32 KiB of annotations fits, a
-/// flood of megabyte messages does not.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest request accepted: a Decrypt with the apiserver's 32 KiB of annotations fits; a
+/// larger message is refused from its 5-byte length prefix, before it is read.
+pub const MAX_REQUEST_BYTES: usize = 40 * 1024;
 /// How long in-flight calls may take to finish after a shutdown signal.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// Concurrent streams one HTTP/2 connection may open.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 /// Why the server stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +50,40 @@ pub enum ServerError {
     /// The keystore loaded but cannot serve.
     #[error("keystore {0} loaded but its primary key failed the self-test round trip")]
     SelfTest(PathBuf),
+    /// The metrics listener could not start.
+    #[error(transparent)]
+    Http(#[from] endpoints::HttpError),
     /// The HTTP/2 server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// Limits applied to every connection and request.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Who may connect, how many at once, and the handshake deadline.
+    pub accept: AcceptPolicy,
+    /// Requests in flight across all connections before new ones are shed.
+    pub max_in_flight: usize,
+    /// Longest a single request may take.
+    pub request_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings; a peer that does not answer within
+    /// `keepalive_timeout` is disconnected.
+    pub keepalive_interval: Duration,
+    /// See `keepalive_interval`.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            accept: AcceptPolicy::default(),
+            max_in_flight: 1024,
+            request_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Serves the KMS API on `listener` until `shutdown` resolves, then stops accepting and lets
@@ -53,20 +92,35 @@ pub async fn run(
     listener: UnixListener,
     keyring: SharedKeyring,
     version: StatusVersion,
+    limits: &Limits,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let v2 = KeyManagementServiceServer::new(V2Service::new(keyring.clone(), version))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let v1 = V1Server::new(V1Service::new(keyring)).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let guard = GuardLayer::new(GuardConfig {
+        max_in_flight: limits.max_in_flight,
+        timeout: limits.request_timeout,
+        metrics: Arc::clone(&metrics),
+    });
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
         let _ = draining_tx.send(());
     };
+    let incoming = incoming::accept_stream(listener, limits.accept.clone(), move || {
+        metrics.rejected_peer()
+    });
     let serve = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(guard)
         .add_service(v2)
         .add_service(v1)
-        .serve_with_incoming_shutdown(incoming::accept_stream(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => result?,
@@ -89,6 +143,8 @@ pub struct ServeConfig {
     pub socket: socket::Endpoint,
     /// Socket file mode.
     pub socket_mode: u32,
+    /// Group to give the socket file, for an apiserver running as another user.
+    pub socket_group: Option<u32>,
     /// Keystore file.
     pub keystore: PathBuf,
     /// Where the root key comes from.
@@ -97,6 +153,29 @@ pub struct ServeConfig {
     pub status_version: StatusVersion,
     /// Rotate when the primary has been primary this long (single-node clusters).
     pub rotate_after: Option<Duration>,
+    /// Connection and request limits.
+    pub limits: Limits,
+    /// Optional loopback listener for /metrics and health.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Allow `metrics_addr` beyond loopback.
+    pub metrics_allow_non_loopback: bool,
+    /// Skip the keystore ownership and mode check (loudly).
+    pub insecure_skip_file_checks: bool,
+}
+
+/// Refuses to serve a keystore that other users could read or replace.
+fn check_keystore_file(path: &std::path::Path) -> Result<(), KeystoreError> {
+    let meta = std::fs::metadata(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            KeystoreError::NotFound(path.to_owned())
+        } else {
+            KeystoreError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })?;
+    keystore::root_key::check_private(path, &meta).map_err(KeystoreError::from)
 }
 
 /// Loads the keystore, binds the socket, serves until `shutdown`, and keeps the keyring in
@@ -105,6 +184,13 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    if config.insecure_skip_file_checks {
+        tracing::warn!(
+            "--insecure-skip-file-checks: NOT checking who owns or can read the keystore"
+        );
+    } else {
+        check_keystore_file(&config.keystore)?;
+    }
     let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
     let ks = keystore::load(&config.keystore, &root)?;
     let usage_path = usage::usage_path(&config.keystore);
@@ -126,7 +212,20 @@ pub async fn serve(
         .map(|id| id.to_string())
         .unwrap_or_default();
     let keyring = SharedKeyring::new(ring);
+    let metrics = Arc::new(Metrics::new());
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(endpoints::bind(addr, config.metrics_allow_non_loopback).await?),
+        None => None,
+    };
     let (listener, guard) = socket::bind(&config.socket, config.socket_mode)?;
+    if let (Some(gid), socket::Endpoint::Path(path)) = (config.socket_group, &config.socket) {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+            socket::SocketError::Io {
+                path: path.clone(),
+                source: e.into(),
+            }
+        })?;
+    }
     tracing::info!(
         socket = %config.socket,
         keystore = %config.keystore.display(),
@@ -135,12 +234,18 @@ pub async fn serve(
         status_version = config.status_version.as_str(),
         "serving KMS v2 and KMS v1 (v1beta1)"
     );
-    match &config.socket {
-        socket::Endpoint::Path(_) => tracing::info!(
+    let accept = &config.limits.accept;
+    match (&config.socket, accept.restricts_peers()) {
+        (_, true) => tracing::info!(
+            allow_uids = ?accept.allow_uids,
+            allow_gids = ?accept.allow_gids,
+            "only these peers may call (checked with SO_PEERCRED on every connection)"
+        ),
+        (socket::Endpoint::Path(_), false) => tracing::info!(
             mode = format_args!("{:04o}", config.socket_mode),
             "no caller allow-list: the socket file's mode is the only access control"
         ),
-        socket::Endpoint::Abstract(_) => tracing::warn!(
+        (socket::Endpoint::Abstract(_), false) => tracing::warn!(
             "abstract socket without a caller allow-list: any process in this network namespace can connect"
         ),
     }
@@ -158,18 +263,44 @@ pub async fn serve(
         history,
     )
     .with_rotate_after(config.rotate_after);
+    let reload_counters = reloader.counters();
     let mut reload_stop = stop_rx.clone();
     let watcher = tokio::spawn(reloader.watch(async move {
         let _ = reload_stop.wait_for(|stop| *stop).await;
     }));
+    let http_task = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /livez");
+        }
+        let ep = endpoints::Endpoints {
+            keyring: keyring.clone(),
+            metrics: Arc::clone(&metrics),
+            reloads: reload_counters,
+        };
+        let mut http_stop = stop_rx.clone();
+        tokio::spawn(endpoints::serve(listener, ep, async move {
+            let _ = http_stop.wait_for(|stop| *stop).await;
+        }))
+    });
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing in-flight calls");
         let _ = stop_tx.send(true);
     };
-    let result = run(listener, keyring, config.status_version, signal).await;
+    let result = run(
+        listener,
+        keyring,
+        config.status_version,
+        &config.limits,
+        metrics,
+        signal,
+    )
+    .await;
     drop(stop_rx);
     let _ = watcher.await;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     drop(guard);
     tracing::info!(socket = %config.socket, "stopped; socket removed");
     result

@@ -1,0 +1,347 @@
+//! `localkms bench`: a load generator for any KMS v2 or v1 plugin socket.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::{connect, ClientError};
+use crate::cli::{BenchApi, BenchOp};
+use crate::proto::v1beta1::key_management_service_client::KeyManagementServiceClient as V1Client;
+use crate::proto::v2::key_management_service_client::KeyManagementServiceClient as V2Client;
+use crate::telemetry::metrics::code_name;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Socket.
+    pub endpoint: String,
+    /// API.
+    pub api: BenchApi,
+    /// Operation.
+    pub op: BenchOp,
+    /// Concurrent requests.
+    pub concurrency: usize,
+    /// Connections.
+    pub connections: usize,
+    /// Time limit (used when `requests` is `None`).
+    pub duration: Duration,
+    /// Request limit.
+    pub requests: Option<u64>,
+    /// Plaintext bytes per Encrypt.
+    pub plaintext_size: usize,
+    /// Print a progress line on stderr every second.
+    pub progress: bool,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Latencies {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Slowest.
+    pub max: u64,
+}
+
+/// The result, as printed with `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Requests completed (successes and errors).
+    pub requests: u64,
+    /// Errors by gRPC code name.
+    pub errors: BTreeMap<String, u64>,
+    /// Wall time.
+    pub elapsed_s: f64,
+    /// Completed requests per second.
+    pub requests_per_sec: f64,
+    /// Latency of every completed request.
+    pub latency_us: Latencies,
+}
+
+impl BenchReport {
+    /// The human-readable summary.
+    pub fn text(&self) -> String {
+        let errors: u64 = self.errors.values().sum();
+        let mut out = format!(
+            "requests: {} in {:.2} s = {:.0} req/s\nlatency (µs): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\nerrors: {}",
+            self.requests,
+            self.elapsed_s,
+            self.requests_per_sec,
+            self.latency_us.p50,
+            self.latency_us.p90,
+            self.latency_us.p99,
+            self.latency_us.p999,
+            self.latency_us.max,
+            errors
+        );
+        for (code, n) in &self.errors {
+            out.push_str(&format!("\n  {code}: {n}"));
+        }
+        out
+    }
+}
+
+enum Client {
+    V2(V2Client<Channel>),
+    V1(V1Client<Channel>),
+}
+
+struct Shared {
+    opts: BenchOptions,
+    issued: AtomicU64,
+    done: AtomicU64,
+    failed: AtomicU64,
+    stop: AtomicBool,
+    ciphertext: Vec<u8>,
+    key_id: String,
+}
+
+impl Shared {
+    fn next(&self) -> bool {
+        if self.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        match self.opts.requests {
+            Some(limit) => self.issued.fetch_add(1, Ordering::Relaxed) < limit,
+            None => true,
+        }
+    }
+}
+
+async fn one(
+    client: &mut Client,
+    shared: &Shared,
+    op: BenchOp,
+) -> Result<Option<(Vec<u8>, String)>, tonic::Status> {
+    let plaintext = vec![0x5au8; shared.opts.plaintext_size];
+    match (client, op) {
+        (Client::V2(c), BenchOp::Status) => c
+            .status(crate::proto::v2::StatusRequest {})
+            .await
+            .map(|_| None),
+        (Client::V2(c), BenchOp::Encrypt | BenchOp::Mixed) => c
+            .encrypt(crate::proto::v2::EncryptRequest {
+                plaintext,
+                uid: "localkms-bench".into(),
+            })
+            .await
+            .map(|r| {
+                let r = r.into_inner();
+                Some((r.ciphertext, r.key_id))
+            }),
+        (Client::V2(c), BenchOp::Decrypt) => c
+            .decrypt(crate::proto::v2::DecryptRequest {
+                ciphertext: shared.ciphertext.clone(),
+                uid: "localkms-bench".into(),
+                key_id: shared.key_id.clone(),
+                annotations: Default::default(),
+            })
+            .await
+            .map(|_| None),
+        (Client::V1(c), BenchOp::Status) => c
+            .version(crate::proto::v1beta1::VersionRequest {
+                version: "v1beta1".into(),
+            })
+            .await
+            .map(|_| None),
+        (Client::V1(c), BenchOp::Encrypt | BenchOp::Mixed) => c
+            .encrypt(crate::proto::v1beta1::EncryptRequest {
+                version: "v1beta1".into(),
+                plain: plaintext,
+            })
+            .await
+            .map(|r| Some((r.into_inner().cipher, String::new()))),
+        (Client::V1(c), BenchOp::Decrypt) => c
+            .decrypt(crate::proto::v1beta1::DecryptRequest {
+                version: "v1beta1".into(),
+                cipher: shared.ciphertext.clone(),
+            })
+            .await
+            .map(|_| None),
+    }
+}
+
+fn client_for(channel: Channel, api: BenchApi) -> Client {
+    match api {
+        BenchApi::V2 => Client::V2(V2Client::new(channel)),
+        BenchApi::V1 => Client::V1(V1Client::new(channel)),
+    }
+}
+
+type WorkerResult = (Histogram<u64>, BTreeMap<String, u64>);
+
+async fn worker(mut client: Client, shared: Arc<Shared>) -> WorkerResult {
+    let mut hist = new_histogram();
+    let mut errors = BTreeMap::new();
+    let mut record =
+        |start: Instant, result: &Result<_, tonic::Status>, hist: &mut Histogram<u64>| {
+            let us = (start.elapsed().as_micros() as u64).clamp(1, MAX_US);
+            let _ = hist.record(us);
+            shared.done.fetch_add(1, Ordering::Relaxed);
+            if let Err(status) = result {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                *errors
+                    .entry(code_name(status.code()).to_owned())
+                    .or_insert(0) += 1;
+            }
+        };
+    while shared.next() {
+        let op = shared.opts.op;
+        let start = Instant::now();
+        let result = one(&mut client, &shared, op).await;
+        record(start, &result, &mut hist);
+        if op == BenchOp::Mixed {
+            if let Ok(Some((ct, key_id))) = result {
+                let start = Instant::now();
+                let result = match &mut client {
+                    Client::V2(c) => c
+                        .decrypt(crate::proto::v2::DecryptRequest {
+                            ciphertext: ct,
+                            uid: "localkms-bench".into(),
+                            key_id,
+                            annotations: Default::default(),
+                        })
+                        .await
+                        .map(|_| None::<(Vec<u8>, String)>),
+                    Client::V1(c) => c
+                        .decrypt(crate::proto::v1beta1::DecryptRequest {
+                            version: "v1beta1".into(),
+                            cipher: ct,
+                        })
+                        .await
+                        .map(|_| None),
+                };
+                record(start, &result, &mut hist);
+            }
+        }
+    }
+    (hist, errors)
+}
+
+/// Longest latency recorded; slower requests are clamped to it.
+const MAX_US: u64 = 60_000_000;
+
+/// 1 µs to 60 s at 3 significant figures.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_US, 3).expect("constant histogram bounds are valid")
+}
+
+/// Runs the benchmark.
+pub async fn bench(opts: BenchOptions) -> Result<BenchReport, ClientError> {
+    let mut channels = Vec::new();
+    for _ in 0..opts.connections.max(1) {
+        channels.push(connect(&opts.endpoint).await?);
+    }
+    // Decrypt needs one real ciphertext from the plugin itself.
+    let (ciphertext, key_id) = if opts.op == BenchOp::Decrypt {
+        let mut c = client_for(channels[0].clone(), opts.api);
+        let probe = Shared {
+            opts: opts.clone(),
+            issued: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            ciphertext: Vec::new(),
+            key_id: String::new(),
+        };
+        match one(&mut c, &probe, BenchOp::Encrypt).await {
+            Ok(Some(pair)) => pair,
+            Ok(None) => return Err(ClientError::Contract("Encrypt returned nothing".into())),
+            Err(s) => {
+                return Err(ClientError::rpc(
+                    "Encrypt (to make a ciphertext to decrypt)",
+                    s,
+                ))
+            }
+        }
+    } else {
+        (Vec::new(), String::new())
+    };
+    let shared = Arc::new(Shared {
+        opts: opts.clone(),
+        issued: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        ciphertext,
+        key_id,
+    });
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..opts.concurrency.max(1) {
+        let client = client_for(channels[i % channels.len()].clone(), opts.api);
+        tasks.push(tokio::spawn(worker(client, Arc::clone(&shared))));
+    }
+    let timer = {
+        let shared = Arc::clone(&shared);
+        let limit = opts.requests.is_none().then_some(opts.duration);
+        let progress = opts.progress;
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let done = shared.done.load(Ordering::Relaxed);
+                if progress {
+                    let mut err = std::io::stderr();
+                    let _ = write!(
+                        err,
+                        "\r{:>6.1} s  {done} requests  {} req/s  {} errors   ",
+                        start.elapsed().as_secs_f64(),
+                        done - last,
+                        shared.failed.load(Ordering::Relaxed)
+                    );
+                    let _ = err.flush();
+                }
+                last = done;
+                if limit.is_some_and(|d| start.elapsed() >= d) {
+                    shared.stop.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        })
+    };
+    let mut hist = new_histogram();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for t in tasks {
+        if let Ok((h, e)) = t.await {
+            let _ = hist.add(&h);
+            for (code, n) in e {
+                *errors.entry(code).or_insert(0) += n;
+            }
+        }
+    }
+    timer.abort();
+    if opts.progress {
+        eprintln!();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let requests = hist.len();
+    Ok(BenchReport {
+        requests,
+        errors,
+        elapsed_s: elapsed,
+        requests_per_sec: if elapsed > 0.0 {
+            requests as f64 / elapsed
+        } else {
+            0.0
+        },
+        latency_us: Latencies {
+            p50: hist.value_at_quantile(0.50),
+            p90: hist.value_at_quantile(0.90),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+        },
+    })
+}

@@ -1,0 +1,132 @@
+//! The optional HTTP listener: `/metrics`, `/healthz`, `/readyz`, `/livez`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::metrics::Metrics;
+use crate::keyring::SharedKeyring;
+use crate::reload::ReloadCounters;
+
+/// Why the HTTP listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Refused a non-loopback address without the explicit flag.
+    #[error("--metrics-addr {0} is not a loopback address; metrics and health carry key ids and usage, so pass --metrics-allow-non-loopback to expose them beyond this host")]
+    NotLoopback(SocketAddr),
+    /// Bind failed.
+    #[error("cannot listen on {addr} for metrics: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct Endpoints {
+    /// The live keyring.
+    pub keyring: SharedKeyring,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Reload results.
+    pub reloads: Arc<ReloadCounters>,
+}
+
+/// Binds `addr` (loopback only unless `allow_non_loopback`).
+pub async fn bind(addr: SocketAddr, allow_non_loopback: bool) -> Result<TcpListener, HttpError> {
+    if !addr.ip().is_loopback() && !allow_non_loopback {
+        return Err(HttpError::NotLoopback(addr));
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// Answers one request.
+pub fn respond(ep: &Endpoints, path: &str) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    match path {
+        "/metrics" => text(
+            StatusCode::OK,
+            ep.metrics.render(&ep.keyring.load(), &ep.reloads),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/healthz" | "/readyz" => {
+            let ring = ep.keyring.load();
+            if ring.healthy() {
+                text(StatusCode::OK, "ok\n".to_owned(), PLAIN)
+            } else if ring.primary_id().is_none() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no primary key loaded\n".to_owned(),
+                    PLAIN,
+                )
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "self-test round trip failed\n".to_owned(),
+                    PLAIN,
+                )
+            }
+        }
+        "/livez" => text(StatusCode::OK, "ok\n".to_owned(), PLAIN),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz, /readyz or /livez\n".to_owned(),
+            PLAIN,
+        ),
+    }
+}
+
+/// Serves the endpoints on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    ep: Endpoints,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ep = ep.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = respond(&ep, req.uri().path());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+        });
+    }
+}

@@ -1,0 +1,319 @@
+//! Prometheus metrics. Request metrics are recorded as requests complete; key, usage and
+//! reload figures are read from the live keyring and counters when `/metrics` is scraped, so
+//! they cost nothing on the request path.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::keyring::Keyring;
+use crate::keystore::KeyState;
+use crate::reload::ReloadCounters;
+
+/// `localkms_requests_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `v1` or `v2`.
+    pub api: &'static str,
+    /// RPC name.
+    pub method: &'static str,
+    /// gRPC code name as grpc-go prints it.
+    pub code: &'static str,
+}
+
+/// `localkms_request_duration_seconds` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// `v1` or `v2`.
+    pub api: &'static str,
+    /// RPC name.
+    pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    key_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to ~5 s.
+    Histogram::new(exponential_buckets(0.000_01, 2.5, 15))
+}
+
+/// Every metric localkms exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+    keys: Family<StateLabels, Gauge>,
+    primary_age: Gauge,
+    primary_info: Family<KeyLabels, Gauge>,
+    key_decrypts: Family<KeyLabels, Counter>,
+    key_last_decrypt: Family<KeyLabels, Gauge>,
+    reloads: Family<ResultLabels, Counter>,
+    rejected_peers: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The gRPC code names grpc-go prints, which kube-apiserver's own KMS metrics use.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "localkms_requests",
+            "KMS requests by API, method and gRPC code",
+            requests.clone(),
+        );
+        let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "localkms_request_duration_seconds",
+            "KMS request latency by API and method",
+            duration.clone(),
+        );
+        let keys = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "localkms_keys",
+            "KEKs in the loaded keyring by state",
+            keys.clone(),
+        );
+        let primary_age = Gauge::default();
+        registry.register(
+            "localkms_primary_key_age_seconds",
+            "Seconds since the primary KEK became primary",
+            primary_age.clone(),
+        );
+        let primary_info = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "localkms_primary_key_info",
+            "The primary KEK's id (value is always 1)",
+            primary_info.clone(),
+        );
+        let key_decrypts = Family::<KeyLabels, Counter>::default();
+        registry.register(
+            "localkms_key_decrypts",
+            "Decrypts served per KEK (cumulative across restarts via the usage file)",
+            key_decrypts.clone(),
+        );
+        let key_last_decrypt = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "localkms_key_last_decrypt_timestamp_seconds",
+            "Unix time of the last decrypt per KEK",
+            key_last_decrypt.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "localkms_keystore_reloads",
+            "Keystore reloads by result (ok, refused, failed)",
+            reloads.clone(),
+        );
+        let rejected_peers = Counter::default();
+        registry.register(
+            "localkms_rejected_peers",
+            "Connections refused by the --allow-uid/--allow-gid check",
+            rejected_peers.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "localkms_build_info",
+            "Build information (value is always 1)",
+            build,
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            keys,
+            primary_age,
+            primary_info,
+            key_decrypts,
+            key_last_decrypt,
+            reloads,
+            rejected_peers,
+        }
+    }
+
+    /// Records one finished request.
+    pub fn observe_request(
+        &self,
+        api: &'static str,
+        method: &'static str,
+        code: tonic::Code,
+        seconds: f64,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                api,
+                method,
+                code: code_name(code),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&MethodLabels { api, method })
+            .observe(seconds);
+    }
+
+    /// Counts a connection refused by the peer check.
+    pub fn rejected_peer(&self) {
+        self.rejected_peers.inc();
+    }
+
+    /// Current value of `localkms_requests_total` for one label set (for tests).
+    pub fn requests(&self, api: &'static str, method: &'static str, code: tonic::Code) -> u64 {
+        self.requests
+            .get(&RequestLabels {
+                api,
+                method,
+                code: code_name(code),
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    /// Refreshes the key and reload figures from `ring` and `reloads`, then renders the
+    /// OpenMetrics text exposition.
+    pub fn render(&self, ring: &Keyring, reloads: &ReloadCounters) -> String {
+        self.keys.clear();
+        for state in KeyState::ALL {
+            let n = ring.key_info().iter().filter(|k| k.state == state).count();
+            self.keys
+                .get_or_create(&StateLabels {
+                    state: state.as_str(),
+                })
+                .set(n as i64);
+        }
+        self.primary_info.clear();
+        if let Some(p) = ring
+            .key_info()
+            .iter()
+            .find(|k| k.state == KeyState::Primary)
+        {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            self.primary_age.set(now - p.changed_at);
+            self.primary_info
+                .get_or_create(&KeyLabels {
+                    key_id: p.id.to_string(),
+                })
+                .set(1);
+        }
+        for (id, decrypts, last) in ring.usage().snapshot() {
+            let labels = KeyLabels {
+                key_id: id.to_string(),
+            };
+            self.key_decrypts
+                .get_or_create(&labels)
+                .inner()
+                .store(decrypts, Ordering::Relaxed);
+            if last > 0 {
+                self.key_last_decrypt.get_or_create(&labels).set(last);
+            }
+        }
+        for (result, n) in [
+            ("ok", &reloads.ok),
+            ("refused", &reloads.refused),
+            ("failed", &reloads.failed),
+        ] {
+            self.reloads
+                .get_or_create(&ResultLabels { result })
+                .inner()
+                .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Shared handle passed to the server pieces.
+pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::UsageTracker;
+
+    #[test]
+    fn renders_every_documented_metric() {
+        let m = Metrics::new();
+        m.observe_request("v2", "Encrypt", tonic::Code::Ok, 0.0001);
+        m.observe_request("v2", "Decrypt", tonic::Code::InvalidArgument, 0.0001);
+        m.rejected_peer();
+        let ring = Keyring::from_keystore(
+            crate::keystore::model::tests::fresh(),
+            Arc::new(UsageTracker::default()),
+        );
+        let text = m.render(&ring, &ReloadCounters::default());
+        for needle in [
+            "localkms_requests_total{api=\"v2\",method=\"Encrypt\",code=\"OK\"} 1",
+            "localkms_requests_total{api=\"v2\",method=\"Decrypt\",code=\"InvalidArgument\"} 1",
+            "localkms_request_duration_seconds_bucket",
+            "localkms_keys{state=\"primary\"} 1",
+            "localkms_keys{state=\"retired\"} 0",
+            "localkms_primary_key_age_seconds",
+            "localkms_primary_key_info{key_id=\"kek-",
+            "localkms_keystore_reloads_total{result=\"failed\"} 0",
+            "localkms_rejected_peers_total 1",
+            "localkms_build_info{version=",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        assert_eq!(m.requests("v2", "Encrypt", tonic::Code::Ok), 1);
+    }
+}
