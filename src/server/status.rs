@@ -24,3 +24,24 @@ pub fn code_for(err: &KeyringError) -> Code {
 pub fn to_status(err: KeyringError) -> Status {
     Status::new(code_for(&err), err.to_string())
 }
+
+/// The per-request debug line: uid, method, key id, code and latency; never key material or
+/// plaintext.
+pub fn log_request(
+    api: &'static str,
+    method: &'static str,
+    uid: &str,
+    key_id: &str,
+    code: Code,
+    start: std::time::Instant,
+) {
+    tracing::debug!(
+        api,
+        method,
+        uid = %uid.chars().take(128).collect::<String>(),
+        key_id = %key_id.chars().take(80).collect::<String>(),
+        code = crate::telemetry::metrics::code_name(code),
+        latency_us = start.elapsed().as_micros() as u64,
+        "request"
+    );
+}

@@ -4,7 +4,7 @@
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::status::to_status;
+use super::status::{log_request, to_status};
 use crate::keyring::SharedKeyring;
 use crate::proto::v1beta1::key_management_service_server::KeyManagementService;
 use crate::proto::v1beta1::{
@@ -46,7 +46,11 @@ impl KeyManagementService for V1Service {
         &self,
         request: Request<VersionRequest>,
     ) -> Result<Response<VersionResponse>, Status> {
-        check_version(&request.into_inner().version)?;
+        let start = std::time::Instant::now();
+        check_version(&request.into_inner().version).inspect_err(|s| {
+            log_request("v1", "Version", "", "", s.code(), start);
+        })?;
+        log_request("v1", "Version", "", "", tonic::Code::Ok, start);
         Ok(Response::new(VersionResponse {
             version: V1_VERSION.to_owned(),
             runtime_name: RUNTIME_NAME.to_owned(),
@@ -58,12 +62,14 @@ impl KeyManagementService for V1Service {
         &self,
         request: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
+        let start = std::time::Instant::now();
         let req = request.into_inner();
         let plain = Zeroizing::new(req.plain);
-        check_version(&req.version)?;
         let ring = self.keyring.load();
-        let (cipher, key_id) = ring.encrypt(&plain).map_err(to_status)?;
-        tracing::debug!(key_id = %key_id, "v1 Encrypt");
+        let (cipher, key_id) = check_version(&req.version)
+            .and_then(|()| ring.encrypt(&plain).map_err(to_status))
+            .inspect_err(|s| log_request("v1", "Encrypt", "", "", s.code(), start))?;
+        log_request("v1", "Encrypt", "", key_id.as_str(), tonic::Code::Ok, start);
         Ok(Response::new(EncryptResponse { cipher }))
     }
 
@@ -71,11 +77,13 @@ impl KeyManagementService for V1Service {
         &self,
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
+        let start = std::time::Instant::now();
         let req = request.into_inner();
-        check_version(&req.version)?;
         let ring = self.keyring.load();
-        let mut plain = ring.decrypt_unchecked(&req.cipher).map_err(to_status)?;
-        tracing::debug!("v1 Decrypt");
+        let mut plain = check_version(&req.version)
+            .and_then(|()| ring.decrypt_unchecked(&req.cipher).map_err(to_status))
+            .inspect_err(|s| log_request("v1", "Decrypt", "", "", s.code(), start))?;
+        log_request("v1", "Decrypt", "", "", tonic::Code::Ok, start);
         Ok(Response::new(DecryptResponse {
             plain: std::mem::take(&mut *plain),
         }))

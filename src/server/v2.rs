@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::status::to_status;
+use super::status::{log_request, to_status};
 use crate::keyring::SharedKeyring;
 use crate::proto::v2::key_management_service_server::KeyManagementService;
 use crate::proto::v2::{
@@ -50,12 +50,14 @@ impl KeyManagementService for V2Service {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let start = std::time::Instant::now();
         let ring = self.keyring.load();
         let (healthz, key_id) = match ring.primary_id() {
             Some(id) if ring.healthy() => ("ok", id.to_string()),
             Some(id) => ("self-test round trip failed", id.to_string()),
             None => ("no primary key loaded", String::new()),
         };
+        log_request("v2", "Status", "", &key_id, tonic::Code::Ok, start);
         Ok(Response::new(StatusResponse {
             version: self.version.as_str().to_owned(),
             healthz: healthz.to_owned(),
@@ -67,15 +69,24 @@ impl KeyManagementService for V2Service {
         &self,
         request: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
+        let start = std::time::Instant::now();
         let req = request.into_inner();
         // Wiped when this handler returns, whatever the outcome.
         let plaintext = Zeroizing::new(req.plaintext);
         let ring = self.keyring.load();
         let (ciphertext, key_id) = ring.encrypt(&plaintext).map_err(|e| {
-            tracing::debug!(uid = %req.uid, error = %e, "v2 Encrypt refused");
-            to_status(e)
+            let status = to_status(e);
+            log_request("v2", "Encrypt", &req.uid, "", status.code(), start);
+            status
         })?;
-        tracing::debug!(uid = %req.uid, key_id = %key_id, "v2 Encrypt");
+        log_request(
+            "v2",
+            "Encrypt",
+            &req.uid,
+            key_id.as_str(),
+            tonic::Code::Ok,
+            start,
+        );
         Ok(Response::new(EncryptResponse {
             ciphertext,
             key_id: key_id.to_string(),
@@ -87,13 +98,22 @@ impl KeyManagementService for V2Service {
         &self,
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
+        let start = std::time::Instant::now();
         let req = request.into_inner();
         let ring = self.keyring.load();
         let mut plaintext = ring.decrypt(&req.ciphertext, &req.key_id).map_err(|e| {
-            tracing::debug!(uid = %req.uid, error = %e, "v2 Decrypt refused");
-            to_status(e)
+            let status = to_status(e);
+            log_request("v2", "Decrypt", &req.uid, &req.key_id, status.code(), start);
+            status
         })?;
-        tracing::debug!(uid = %req.uid, key_id = %req.key_id, "v2 Decrypt");
+        log_request(
+            "v2",
+            "Decrypt",
+            &req.uid,
+            &req.key_id,
+            tonic::Code::Ok,
+            start,
+        );
         // Moved, not copied, into the response; the transport owns it from here.
         Ok(Response::new(DecryptResponse {
             plaintext: std::mem::take(&mut *plaintext),

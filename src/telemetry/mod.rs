@@ -18,10 +18,17 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sends `tracing` output to stderr. `RUST_LOG` wins when set; otherwise `level` applies.
+/// Sends `tracing` output to stderr. `RUST_LOG` wins when set; otherwise a plain `level`
+/// (`debug`, `info`, …) applies to localkms while its dependencies stay at `warn`, and a full
+/// filter (`localkms=debug,h2=info`) is taken as written.
 pub fn init_logging(format: LogFormat, level: &str) {
+    let directives = if level.contains('=') || level.contains(',') {
+        level.to_owned()
+    } else {
+        format!("warn,localkms={level}")
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        .or_else(|_| EnvFilter::try_new(&directives))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -111,7 +111,7 @@ impl Server {
     pub fn spawn(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = cmd
-            .env("RUST_LOG", "debug")
+            .env("LOCALKMS_LOG_LEVEL", "debug")
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
