@@ -121,6 +121,32 @@ impl Server {
         server
     }
 
+    /// Starts a server whose Status this process may not be allowed to call (peer checks):
+    /// waits only for the socket file to appear.
+    pub fn spawn_without_probe(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .env("LOCALKMS_LOG_LEVEL", "debug")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn serve");
+        let mut server = Server { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(server.socket.exists() && server.log_text().contains("serving KMS")) {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("server exited early with {status}: {}", server.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not ready: {}",
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
