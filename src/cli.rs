@@ -285,6 +285,10 @@ pub struct ServeArgs {
     /// unusual setups only; the check exists because the keystore holds every KEK.
     #[arg(long)]
     pub insecure_skip_file_checks: bool,
+    /// Validate the flags, the root key and the keystore (and that the socket could be
+    /// bound), print what would be served, and exit without serving.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// `bench` options.

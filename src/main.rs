@@ -277,6 +277,7 @@ fn limits(args: &ServeArgs) -> server::Limits {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let args_check_config = args.check_config;
     let limits = limits(&args);
     let socket_group = args
         .socket_group
@@ -330,6 +331,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             insecure_skip_file_checks: args.insecure_skip_file_checks,
         }
     };
+    if args_check_config {
+        println!("{}", server::check_config(&config)?);
+        return Ok(());
+    }
     runtime()?.block_on(server::serve(config, shutdown_signal()))?;
     Ok(())
 }

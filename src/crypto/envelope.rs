@@ -339,3 +339,49 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kek() -> SecretKey {
+        SecretKey::from_slice(&[0x11u8; 32]).expect("32 bytes")
+    }
+
+    proptest! {
+        /// Any bytes at all: parsing and opening return errors, never panic.
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
+            if let Ok(env) = Envelope::parse(&bytes) {
+                let _ = env.open(&kek());
+            }
+        }
+
+        /// Random bytes behind a valid header: still only errors.
+        #[test]
+        fn valid_header_random_body_never_opens(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut bytes = vec![FORMAT_VERSION, 5];
+            bytes.extend_from_slice(b"kek-a");
+            bytes.extend_from_slice(&body);
+            if let Ok(env) = Envelope::parse(&bytes) {
+                prop_assert!(env.open(&kek()).is_err());
+            }
+        }
+
+        /// Every valid plaintext under every valid key id round-trips.
+        #[test]
+        fn every_valid_value_round_trips(
+            plaintext in proptest::collection::vec(any::<u8>(), 1..900),
+            id in "[a-z0-9][a-z0-9._-]{0,40}",
+        ) {
+            let id = KeyId::parse(&id).expect("generated ids are valid");
+            prop_assume!(plaintext.len() <= max_plaintext_len(&id));
+            let ct = seal(&kek(), &id, &plaintext).expect("seal");
+            prop_assert!(ct.len() <= MAX_CIPHERTEXT_LEN);
+            let env = Envelope::parse(&ct).expect("parse");
+            prop_assert_eq!(env.key_id(), &id);
+            prop_assert_eq!(&env.open(&kek()).expect("open")[..], &plaintext[..]);
+        }
+    }
+}

@@ -550,3 +550,56 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::keystore::model::tests::{actor, fresh};
+    use proptest::prelude::*;
+    use time::OffsetDateTime;
+
+    fn root() -> RootKey {
+        RootKey::from_bytes([0x22u8; 32])
+    }
+
+    proptest! {
+        /// Any bytes at all, with or without the magic: errors, never panics.
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), magic in any::<bool>()) {
+            let mut input = if magic { MAGIC.to_vec() } else { Vec::new() };
+            input.extend_from_slice(&bytes);
+            let _ = peek(&input);
+            prop_assert!(decode(&input, &root()).is_err());
+        }
+
+        /// Any sequence of lifecycle operations yields a keystore that round-trips exactly.
+        #[test]
+        fn every_valid_keystore_round_trips(ops in proptest::collection::vec(0u8..5, 0..12), generation in 1u64..u64::MAX) {
+            let now = OffsetDateTime::now_utc();
+            let mut ks = fresh();
+            for op in ops {
+                let ids: Vec<String> = ks.records().iter().map(|r| r.id.to_string()).collect();
+                let target = ids.first().cloned().unwrap_or_default();
+                let _ = match op {
+                    0 => ks.rotate(now, &actor()).map(|_| ()),
+                    1 => ks.stage(now, &actor()).map(|_| ()),
+                    2 => ks.disable(&target, now, &actor()),
+                    3 => ks.enable(&target, now, &actor()),
+                    _ => ks.destroy(&target, now, &actor(), None, true),
+                };
+            }
+            ks.generation = generation;
+            let bytes = encode(&ks, &root()).expect("encode");
+            let back = decode(&bytes, &root()).expect("decode");
+            prop_assert_eq!(back.generation, ks.generation);
+            prop_assert_eq!(&back.history, &ks.history);
+            prop_assert_eq!(back.records.len(), ks.records.len());
+            for (a, b) in ks.records.iter().zip(&back.records) {
+                prop_assert_eq!(&a.id, &b.id);
+                prop_assert_eq!(a.state, b.state);
+                prop_assert_eq!(a.disabled_from, b.disabled_from);
+                prop_assert_eq!(a.material.as_ref().map(|k| *k.expose()), b.material.as_ref().map(|k| *k.expose()));
+            }
+        }
+    }
+}

@@ -178,6 +178,35 @@ fn check_keystore_file(path: &std::path::Path) -> Result<(), KeystoreError> {
     keystore::root_key::check_private(path, &meta).map_err(KeystoreError::from)
 }
 
+/// `serve --check-config`: everything `serve` checks before it binds, without serving.
+/// Returns a summary of what would be served.
+pub fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
+    if !config.insecure_skip_file_checks {
+        check_keystore_file(&config.keystore)?;
+    }
+    let root = RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?;
+    let ks = keystore::load(&config.keystore, &root)?;
+    let generation = ks.generation();
+    let ring = Keyring::from_keystore(ks, Arc::new(UsageTracker::default()));
+    if !ring.healthy() {
+        return Err(ServerError::SelfTest(config.keystore.clone()));
+    }
+    if let Some(addr) = config.metrics_addr {
+        if !addr.ip().is_loopback() && !config.metrics_allow_non_loopback {
+            return Err(endpoints::HttpError::NotLoopback(addr).into());
+        }
+    }
+    socket::check_bindable(&config.socket)?;
+    Ok(format!(
+        "config ok: would serve {} (mode {:04o}) from keystore {} generation {} with primary key {}",
+        config.socket.uri(),
+        config.socket_mode,
+        config.keystore.display(),
+        generation,
+        ring.primary_id().map(|id| id.to_string()).unwrap_or_default()
+    ))
+}
+
 /// Loads the keystore, binds the socket, serves until `shutdown`, and keeps the keyring in
 /// step with the keystore file meanwhile. The socket file is removed on the way out.
 pub async fn serve(

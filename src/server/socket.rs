@@ -183,6 +183,46 @@ fn bind_path(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), Sock
     Ok((listener, guard))
 }
 
+/// Whether `bind` would succeed, without binding: no live server on it, nothing but a socket
+/// in the way, and a parent directory that exists or can be created.
+pub fn check_bindable(endpoint: &Endpoint) -> Result<(), SocketError> {
+    let Endpoint::Path(path) = endpoint else {
+        return match endpoint.connect_std() {
+            Ok(_) => Err(SocketError::InUse(PathBuf::from(endpoint.to_string()))),
+            Err(_) => Ok(()),
+        };
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(SocketError::NotASocket(path.clone()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(SocketError::InUse(path.clone()));
+        }
+    }
+    let mut dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    while !dir.exists() {
+        match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => dir = p,
+            _ => break,
+        }
+    }
+    let meta = std::fs::metadata(dir).map_err(|source| SocketError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(SocketError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(format!("{} is not a directory", dir.display())),
+        });
+    }
+    Ok(())
+}
+
 fn remove_if_stale(path: &Path) -> Result<(), SocketError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
