@@ -64,10 +64,15 @@ impl LockedPage {
 impl Drop for LockedPage {
     fn drop(&mut self) {
         self.bytes.zeroize();
+        let ptr = std::ptr::from_mut::<LockedPage>(self).cast::<std::ffi::c_void>();
+        // Restore the page's attributes before the allocator reuses it: otherwise every freed
+        // key page stays a separate memory mapping, and churn (reloads) could exhaust
+        // vm.max_map_count.
+        // SAFETY: the same page-aligned, PAGE-sized allocation set up in `new`, still live
+        // during drop; munlock and madvise only change its paging attributes.
+        let _ = unsafe { rustix::mm::madvise(ptr, PAGE, rustix::mm::Advice::LinuxDoDump) };
         if self.locked {
-            let ptr = std::ptr::from_mut::<LockedPage>(self).cast::<std::ffi::c_void>();
-            // SAFETY: the same page-aligned, PAGE-sized allocation locked in `new`, still live
-            // during drop; munlock only changes its paging attributes.
+            // SAFETY: as above.
             let _ = unsafe { rustix::mm::munlock(ptr, PAGE) };
             PAGES_LOCKED.fetch_sub(1, Ordering::Relaxed);
         }
