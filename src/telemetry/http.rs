@@ -130,3 +130,58 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyring::Keyring;
+
+    fn endpoints(ring: Keyring) -> Endpoints {
+        Endpoints {
+            keyring: SharedKeyring::new(ring),
+            metrics: Arc::new(Metrics::new()),
+            reloads: Arc::new(ReloadCounters::default()),
+        }
+    }
+
+    async fn body(resp: Response<Full<Bytes>>) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn health_is_503_with_the_reason_without_a_primary() {
+        let ep = endpoints(Keyring::empty());
+        for path in ["/healthz", "/readyz"] {
+            let (status, text) = body(respond(&ep, path)).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(text, "no primary key loaded\n");
+        }
+        assert_eq!(body(respond(&ep, "/livez")).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn health_is_200_with_a_primary() {
+        let ring =
+            Keyring::from_keystore(crate::keystore::model::tests::fresh(), Default::default());
+        let ep = endpoints(ring);
+        assert_eq!(
+            body(respond(&ep, "/readyz")).await,
+            (StatusCode::OK, "ok\n".to_owned())
+        );
+        let (status, text) = body(respond(&ep, "/metrics")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.contains("localkms_keys{state=\"primary\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn non_loopback_needs_the_flag() {
+        let addr: SocketAddr = "0.0.0.0:0".parse().expect("addr");
+        assert!(matches!(
+            bind(addr, false).await,
+            Err(HttpError::NotLoopback(_))
+        ));
+    }
+}
