@@ -1,14 +1,22 @@
-//! What the keystore-administration commands print: listings that merge the sealed keystore
-//! with the server's usage file, and the audit history.
+//! The keystore-administration commands (init, keys, keystore, root-key, nodes) over either
+//! backend, and what they print: listings that merge the sealed keystore with decrypt usage,
+//! and the audit history.
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Serialize;
+use time::OffsetDateTime;
 
-use crate::keystore::{HistoryEntry, KeyState, Keystore};
+use crate::etcd::{EtcdError, EtcdTls};
+use crate::keystore::{
+    Actor, HistoryEntry, KeyState, Keystore, KeystoreError, KeystoreLocation, RootKeyError,
+    RootKeyProvider, RootKeySource, Store,
+};
+use crate::nodes;
 use crate::timefmt::rfc3339;
-use crate::usage::UsageFile;
+use crate::usage::{read_usage, usage_path, UsageError, UsageFile};
 
 /// One KEK as `keys list` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -158,4 +166,368 @@ mod tests {
         assert_eq!(h[0].action, "init");
         assert!(history_table(&h).contains("init"));
     }
+}
+
+/// What a command prints: `stdout` for scripts, `stderr` for people.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Printed {
+    /// Machine-readable or primary output.
+    pub stdout: String,
+    /// Hints and explanations.
+    pub stderr: String,
+}
+
+impl Printed {
+    fn out(stdout: impl Into<String>) -> Self {
+        Printed {
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }
+
+    fn with_note(mut self, stderr: impl Into<String>) -> Self {
+        self.stderr = stderr.into();
+        self
+    }
+}
+
+/// Why an administration command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The keystore could not be read or changed.
+    #[error(transparent)]
+    Keystore(#[from] KeystoreError),
+    /// The root key could not be used.
+    #[error(transparent)]
+    RootKey(#[from] RootKeyError),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// The usage file is unreadable.
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    /// The command needs an etcd keystore.
+    #[error("{0} needs an etcd keystore (--keystore etcd://HOST:PORT/PREFIX)")]
+    NeedsEtcd(&'static str),
+    /// Two-phase rotation stopped at staged.
+    #[error("rotation stopped at staged: {key_id} is in the keystore but node(s) {lagging} have not loaded it within {waited_s} s. Nothing encrypts with it yet, so no data is at risk. Check those nodes (localkms nodes), then run `localkms keys promote {key_id}`")]
+    NotConverged {
+        /// The staged key.
+        key_id: String,
+        /// Nodes that have not loaded it.
+        lagging: String,
+        /// How long we waited.
+        waited_s: u64,
+    },
+}
+
+/// A keystore and its root key, opened for a command.
+pub struct Opened {
+    /// Where the keystore lives.
+    pub store: Store,
+    /// The root key.
+    pub root: RootKeyProvider,
+}
+
+impl Opened {
+    /// Opens `location` with the root key from `source`.
+    pub fn open(
+        location: &KeystoreLocation,
+        source: &RootKeySource,
+        tls: &EtcdTls,
+    ) -> Result<Self, AdminError> {
+        Ok(Opened {
+            store: Store::open(location, tls)?,
+            root: RootKeyProvider::open(source)?,
+        })
+    }
+
+    /// Decrypt usage: the usage file beside a file keystore, or every node's report summed
+    /// for an etcd keystore.
+    pub async fn usage(&self) -> Result<UsageFile, AdminError> {
+        Ok(match &self.store {
+            Store::File(p) => read_usage(&usage_path(p))?,
+            Store::Etcd(e) => nodes::merged_usage(&nodes::list(e).await?),
+        })
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// `init`: a new keystore with one primary KEK (creating a missing root key file).
+pub async fn init(
+    location: &KeystoreLocation,
+    source: &RootKeySource,
+    tls: &EtcdTls,
+) -> Result<Printed, AdminError> {
+    let store = Store::open(location, tls)?;
+    if let Store::File(p) = &store {
+        if p.exists() {
+            return Err(KeystoreError::AlreadyExists(p.clone()).into());
+        }
+    }
+    let (root, created) = RootKeyProvider::open_or_create(source)?;
+    let ks = Keystore::new_with_primary(now(), root.new_kdf()?, &Actor::current())
+        .map_err(KeystoreError::from)?;
+    store.create(&root, &ks).await?;
+    let mut out = String::new();
+    if created {
+        let _ = writeln!(
+            out,
+            "created root key file {} (mode 0600)",
+            source.path().display()
+        );
+    }
+    let id = ks.primary().map(|r| r.id.to_string()).unwrap_or_default();
+    let _ = writeln!(out, "created keystore {location} with primary key {id}");
+    Ok(Printed::out(out))
+}
+
+/// `keys list`.
+pub async fn keys_list(o: &Opened, json: bool) -> Result<Printed, AdminError> {
+    let ks = o.store.load(&o.root).await?;
+    let listing = list(&ks, &o.usage().await?);
+    Ok(Printed::out(if json {
+        format!("{}\n", serde_json::json!({ "keys": listing }))
+    } else {
+        list_table(&listing)
+    }))
+}
+
+/// `keys history`.
+pub async fn keys_history(o: &Opened, json: bool) -> Result<Printed, AdminError> {
+    let ks = o.store.load(&o.root).await?;
+    let entries = history(ks.history());
+    Ok(Printed::out(if json {
+        format!("{}\n", serde_json::json!({ "history": entries }))
+    } else {
+        history_table(&entries)
+    }))
+}
+
+/// `keystore verify`.
+pub async fn keystore_verify(o: &Opened) -> Result<Printed, AdminError> {
+    let ks = o.store.load(&o.root).await?;
+    Ok(Printed::out(verify_report(&o.store.name(), &ks)))
+}
+
+/// `keys rotate [--stage]`. On etcd, a full rotation is two-phase: stage, wait until every
+/// live node reports the new KEK (or `timeout`), then promote.
+pub async fn keys_rotate(
+    o: &Opened,
+    stage: bool,
+    timeout: Duration,
+) -> Result<Printed, AdminError> {
+    let actor = Actor::current();
+    let name = o.store.name();
+    match (&o.store, stage) {
+        (_, true) => {
+            let id = o
+                .store
+                .update(&o.root, |ks| Ok(ks.stage(now(), &actor)?))
+                .await?;
+            let hint = match &o.store {
+                Store::File(_) => format!("staged {id} in {}: it decrypts but does not encrypt. Copy the keystore to every node, check each with `localkms keystore verify`, then `localkms keys promote {id}`.", name.display()),
+                Store::Etcd(_) => format!("staged {id} in {}: it decrypts but does not encrypt. `localkms nodes` shows when every node has it; then `localkms keys promote {id}`.", name.display()),
+            };
+            Ok(Printed::out(format!("{id}\n")).with_note(hint))
+        }
+        (Store::File(_), false) => {
+            let id = o
+                .store
+                .update(&o.root, |ks| Ok(ks.rotate(now(), &actor)?))
+                .await?;
+            Ok(Printed::out(format!("{id}\n")).with_note(format!(
+                "rotated: {id} is now primary in {}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds.",
+                name.display()
+            )))
+        }
+        (Store::Etcd(etcd), false) => {
+            let id = o
+                .store
+                .update(&o.root, |ks| Ok(ks.stage(now(), &actor)?))
+                .await?;
+            let started = std::time::Instant::now();
+            loop {
+                let live = nodes::list(etcd).await?;
+                let lagging = nodes::lagging(&live, id.as_str());
+                if lagging.is_empty() {
+                    break;
+                }
+                if started.elapsed() >= timeout {
+                    return Err(AdminError::NotConverged {
+                        key_id: id.to_string(),
+                        lagging: lagging.join(", "),
+                        waited_s: timeout.as_secs(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            o.store
+                .update(&o.root, |ks| Ok(ks.promote(id.as_str(), now(), &actor)?))
+                .await?;
+            Ok(Printed::out(format!("{id}\n")).with_note(format!(
+                "rotated: every live node loaded {id} before it was promoted; it is now primary in {}",
+                name.display()
+            )))
+        }
+    }
+}
+
+/// `keys promote|disable|enable|destroy`.
+pub async fn keys_change(
+    o: &Opened,
+    verb: &str,
+    id: &str,
+    force: bool,
+) -> Result<Printed, AdminError> {
+    let actor = Actor::current();
+    let last = if verb == "destroy" {
+        o.usage()
+            .await?
+            .keys
+            .get(id)
+            .and_then(|u| u.last_decrypt_unix)
+    } else {
+        None
+    };
+    o.store
+        .update(&o.root, |ks| {
+            match verb {
+                "promote" => ks.promote(id, now(), &actor)?,
+                "disable" => ks.disable(id, now(), &actor)?,
+                "enable" => ks.enable(id, now(), &actor)?,
+                _ => ks.destroy(id, now(), &actor, last, force)?,
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(Printed::out(match verb {
+        "promote" => format!("promoted {id} to primary; the previous primary is retired and still decrypts\n"),
+        "disable" => format!("disabled {id}: decrypts under it now fail with FailedPrecondition; `localkms keys enable {id}` undoes this\n"),
+        "enable" => format!("enabled {id}\n"),
+        _ => format!("destroyed {id}: its material is wiped; a tombstone keeps the id so errors can say what happened\n"),
+    }))
+}
+
+/// `root-key rotate`.
+pub async fn root_key_rotate(
+    o: &Opened,
+    new_source: &RootKeySource,
+) -> Result<Printed, AdminError> {
+    let (new, created) = RootKeyProvider::open_or_create(new_source)?;
+    o.store
+        .reseal(&o.root, &new, |ks| {
+            ks.record_root_key_rotation(now(), &Actor::current())
+        })
+        .await?;
+    let mut out = String::new();
+    if created {
+        let _ = writeln!(
+            out,
+            "created root key file {} (mode 0600)",
+            new_source.path().display()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "re-sealed {} under {}; the old root key no longer opens it. Restart or SIGHUP running servers with the new root key.",
+        o.store.name().display(),
+        new_source.path().display()
+    );
+    Ok(Printed::out(out))
+}
+
+/// `keystore copy`: the sealed bytes, unchanged, after checking they open with the root key.
+pub async fn keystore_copy(
+    from: &KeystoreLocation,
+    to: &KeystoreLocation,
+    source: &RootKeySource,
+    tls: &EtcdTls,
+) -> Result<Printed, AdminError> {
+    let src = Store::open(from, tls)?;
+    let dst = Store::open(to, tls)?;
+    let root = RootKeyProvider::open(source)?;
+    let (bytes, _) = src.read_raw().await?;
+    let ks = crate::keystore::file::decode_with(&src.name(), &bytes, &root)?;
+    dst.create_raw(bytes).await?;
+    Ok(Printed::out(format!(
+        "copied {from} to {to}: generation {}, {} keys, unchanged\n",
+        ks.generation(),
+        ks.records().len()
+    )))
+}
+
+/// One node in `localkms nodes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeListing {
+    /// Name.
+    pub node: String,
+    /// Generation it has loaded.
+    pub generation: u64,
+    /// Whether that is the keystore's current generation.
+    pub current: bool,
+    /// Its primary.
+    pub primary: String,
+    /// KEKs loaded.
+    pub key_ids: Vec<String>,
+    /// Last report, RFC 3339.
+    pub last_report: String,
+    /// Seconds since the last report.
+    pub age_s: i64,
+}
+
+/// `localkms nodes`.
+pub async fn nodes_list(o: &Opened, json: bool) -> Result<Printed, AdminError> {
+    let Store::Etcd(etcd) = &o.store else {
+        return Err(AdminError::NeedsEtcd("localkms nodes"));
+    };
+    let ks = o.store.load(&o.root).await?;
+    let now_s = now().unix_timestamp();
+    let listing: Vec<NodeListing> = nodes::list(etcd)
+        .await?
+        .into_iter()
+        .map(|n| NodeListing {
+            current: n.generation == ks.generation(),
+            generation: n.generation,
+            primary: n.primary,
+            key_ids: n.key_ids,
+            last_report: rfc3339(n.updated_unix),
+            age_s: now_s - n.updated_unix,
+            node: n.node,
+        })
+        .collect();
+    if json {
+        return Ok(Printed::out(format!(
+            "{}\n",
+            serde_json::json!({ "generation": ks.generation(), "nodes": listing })
+        )));
+    }
+    let mut out = format!(
+        "keystore generation {}\n{:<20} {:>10} {:<8} {:<24} {}\n",
+        ks.generation(),
+        "NODE",
+        "GENERATION",
+        "CURRENT",
+        "PRIMARY",
+        "LAST REPORT"
+    );
+    for n in &listing {
+        let _ = writeln!(
+            out,
+            "{:<20} {:>10} {:<8} {:<24} {} ({} s ago)",
+            n.node,
+            n.generation,
+            if n.current { "yes" } else { "NO" },
+            n.primary,
+            n.last_report,
+            n.age_s
+        );
+    }
+    if listing.is_empty() {
+        out.push_str("(no live nodes)\n");
+    }
+    Ok(Printed::out(out))
 }

@@ -48,6 +48,15 @@ pub enum Command {
         #[command(subcommand)]
         command: KeystoreCommand,
     },
+    /// The servers sharing an etcd keystore: what each has loaded, and when it last reported.
+    Nodes {
+        /// The (etcd) keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-seal the keystore under a new root key.
     RootKey {
         /// What to do with the root key.
@@ -89,7 +98,9 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Create a new KEK and make it primary (or, with --stage, only distribute it).
+    /// Create a new KEK and make it primary (or, with --stage, only distribute it). On an
+    /// etcd keystore this is two-phase: stage, wait until every live node has loaded the new
+    /// KEK, then promote.
     Rotate {
         /// The keystore.
         #[command(flatten)]
@@ -97,6 +108,9 @@ pub enum KeysCommand {
         /// Create the KEK as `staged`: it decrypts but does not encrypt until `keys promote`.
         #[arg(long)]
         stage: bool,
+        /// etcd keystores: how long to wait for every node before stopping at staged.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Make a staged or retired KEK primary; the old primary becomes retired.
     Promote {
@@ -154,6 +168,21 @@ pub enum KeystoreCommand {
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
+    /// Copy a keystore, sealed bytes unchanged, between a file and etcd (either way).
+    Copy {
+        /// Source: a file path or etcd://…
+        #[arg(long)]
+        from: String,
+        /// Destination (must not exist yet): a file path or etcd://…
+        #[arg(long)]
+        to: String,
+        /// The root key, to check the source opens before copying it.
+        #[command(flatten)]
+        root: RootArgs,
+        /// TLS for etcd.
+        #[command(flatten)]
+        etcd: EtcdTlsArgs,
+    },
 }
 
 /// `root-key` subcommands.
@@ -180,12 +209,40 @@ pub enum RootKeyCommand {
 /// Where the keystore and its root key are.
 #[derive(Debug, Args)]
 pub struct KeystoreArgs {
-    /// Keystore file.
+    /// Keystore: a file path, or `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
     #[arg(long, env = "LOCALKMS_KEYSTORE")]
-    pub keystore: PathBuf,
+    pub keystore: String,
     /// The root key.
     #[command(flatten)]
     pub root: RootArgs,
+    /// TLS for an etcd keystore.
+    #[command(flatten)]
+    pub etcd: EtcdTlsArgs,
+}
+
+/// TLS files for an etcd keystore (control-plane etcd requires client certificates).
+#[derive(Debug, Args, Default, Clone)]
+pub struct EtcdTlsArgs {
+    /// CA certificate that signed etcd's server certificates (PEM).
+    #[arg(long, env = "LOCALKMS_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd (PEM).
+    #[arg(long, env = "LOCALKMS_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd (PEM).
+    #[arg(long, env = "LOCALKMS_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// As the etcd client takes it.
+    pub fn tls(&self) -> crate::etcd::EtcdTls {
+        crate::etcd::EtcdTls {
+            cacert: self.etcd_cacert.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        }
+    }
 }
 
 /// The root key: a key file or a passphrase file (exactly one).
@@ -229,9 +286,23 @@ pub struct ServeArgs {
     /// Socket to listen on: `unix:///path/kms.sock`, `/path/kms.sock`, `unix:///@name`, `@name`.
     #[arg(long, env = "LOCALKMS_SOCKET", required_unless_present = "dev")]
     pub socket: Option<String>,
-    /// Keystore file.
+    /// Keystore: a file path, or `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
     #[arg(long, env = "LOCALKMS_KEYSTORE", required_unless_present = "dev")]
-    pub keystore: Option<PathBuf>,
+    pub keystore: Option<String>,
+    /// TLS for an etcd keystore.
+    #[command(flatten)]
+    pub etcd: EtcdTlsArgs,
+    /// etcd keystores: where to keep a sealed copy of the last keystore loaded, so the server
+    /// can start and serve while etcd is unreachable.
+    #[arg(long, env = "LOCALKMS_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// etcd keystores: this server's name in `localkms nodes` (default: the hostname).
+    #[arg(long, env = "LOCALKMS_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// etcd keystores: lease on this server's node record; a node silent this long stops
+    /// counting for convergence.
+    #[arg(long, env = "LOCALKMS_NODE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub node_ttl: Duration,
     /// Root key file.
     #[arg(
         long,

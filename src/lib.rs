@@ -12,10 +12,12 @@ pub mod cli;
 pub mod client;
 pub mod crypto;
 pub mod dev;
+pub mod etcd;
 pub mod hardening;
 pub mod key_id;
 pub mod keyring;
 pub mod keystore;
+pub mod nodes;
 pub mod reload;
 pub mod server;
 pub mod telemetry;
@@ -33,5 +35,10 @@ pub mod proto {
     #[allow(missing_docs)]
     pub mod v1beta1 {
         tonic::include_proto!("v1beta1");
+    }
+    /// The subset of etcd's v3 API the etcd keystore backend uses.
+    #[allow(missing_docs, clippy::all)]
+    pub mod etcd {
+        tonic::include_proto!("etcdserverpb");
     }
 }

@@ -6,12 +6,11 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use localkms::cli::{
-    Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RootKeyCommand, ServeArgs,
+    Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RootArgs, RootKeyCommand, ServeArgs,
 };
-use localkms::keystore::{self, Actor, Keystore, RootKeyProvider, RootKeySource};
+use localkms::keystore::{KeystoreLocation, RootKeySource};
 use localkms::server::{self, ServeConfig};
-use localkms::{admin, client, dev, telemetry, usage};
-use time::OffsetDateTime;
+use localkms::{admin, client, dev, telemetry};
 
 fn main() -> std::process::ExitCode {
     // Before any key is read: no core dumps, not dumpable.
@@ -35,28 +34,66 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn open(args: &KeystoreArgs) -> anyhow::Result<RootKeyProvider> {
-    let source = args
-        .root
-        .source()
-        .ok_or_else(|| anyhow!("pass --root-key-file or --passphrase-file"))?;
-    Ok(RootKeyProvider::open(&source)?)
+fn location(s: &str) -> anyhow::Result<KeystoreLocation> {
+    Ok(KeystoreLocation::parse(s)?)
 }
 
-fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
+fn source(root: &RootArgs) -> anyhow::Result<RootKeySource> {
+    root.source()
+        .ok_or_else(|| anyhow!("pass --root-key-file or --passphrase-file"))
+}
+
+fn opened(args: &KeystoreArgs) -> anyhow::Result<admin::Opened> {
+    Ok(admin::Opened::open(
+        &location(&args.keystore)?,
+        &source(&args.root)?,
+        &args.etcd.tls(),
+    )?)
+}
+
+fn print(p: admin::Printed) {
+    print!("{}", p.stdout);
+    if !p.stderr.is_empty() {
+        eprintln!("{}", p.stderr);
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Init(args) => init(&args),
+        Command::Init(args) => {
+            let loc = location(&args.keystore)?;
+            let src = source(&args.root)?;
+            print(runtime()?.block_on(admin::init(&loc, &src, &args.etcd.tls()))?);
+            Ok(())
+        }
         Command::Keys { command } => keys(command),
-        Command::Keystore {
-            command: KeystoreCommand::Verify { keystore: args },
+        Command::Keystore { command } => {
+            let rt = runtime()?;
+            let printed = match command {
+                KeystoreCommand::Verify { keystore: args } => {
+                    rt.block_on(admin::keystore_verify(&opened(&args)?))?
+                }
+                KeystoreCommand::Copy {
+                    from,
+                    to,
+                    root,
+                    etcd,
+                } => rt.block_on(admin::keystore_copy(
+                    &location(&from)?,
+                    &location(&to)?,
+                    &source(&root)?,
+                    &etcd.tls(),
+                ))?,
+            };
+            print(printed);
+            Ok(())
+        }
+        Command::Nodes {
+            keystore: args,
+            json,
         } => {
-            let ks = keystore::load(&args.keystore, &open(&args)?)?;
-            print!("{}", admin::verify_report(&args.keystore, &ks));
+            print(runtime()?.block_on(admin::nodes_list(&opened(&args)?, json))?);
             Ok(())
         }
         Command::RootKey {
@@ -67,7 +104,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     new_passphrase_file,
                 },
         } => {
-            let old = open(&args)?;
             let new_source = match (new_root_key_file, new_passphrase_file) {
                 (Some(p), _) => RootKeySource::KeyFile(p),
                 (None, Some(p)) => RootKeySource::PassphraseFile(p),
@@ -75,21 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     return Err(anyhow!("pass --new-root-key-file or --new-passphrase-file"))
                 }
             };
-            let (new, created) = RootKeyProvider::open_or_create(&new_source)?;
-            if created {
-                println!(
-                    "created root key file {} (mode 0600)",
-                    new_source.path().display()
-                );
-            }
-            keystore::reseal(&args.keystore, &old, &new, |ks| {
-                ks.record_root_key_rotation(now(), &Actor::current())
-            })?;
-            println!(
-                "re-sealed {} under {}; the old root key no longer opens it. Restart or SIGHUP running servers with the new root key.",
-                args.keystore.display(),
-                new_source.path().display()
-            );
+            print(runtime()?.block_on(admin::root_key_rotate(&opened(&args)?, &new_source))?);
             Ok(())
         }
         Command::Status { socket, json } => {
@@ -143,122 +165,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init(args: &KeystoreArgs) -> anyhow::Result<()> {
-    let source = args
-        .root
-        .source()
-        .ok_or_else(|| anyhow!("pass --root-key-file or --passphrase-file"))?;
-    if args.keystore.exists() {
-        return Err(keystore::KeystoreError::AlreadyExists(args.keystore.clone()).into());
-    }
-    let (root, created) = RootKeyProvider::open_or_create(&source)?;
-    if created {
-        println!(
-            "created root key file {} (mode 0600)",
-            source.path().display()
-        );
-    }
-    let ks = Keystore::new_with_primary(now(), root.new_kdf()?, &Actor::current())?;
-    keystore::create(&args.keystore, &root, &ks)?;
-    let id = ks.primary().map(|r| r.id.to_string()).unwrap_or_default();
-    println!(
-        "created keystore {} with primary key {id}",
-        args.keystore.display()
-    );
-    Ok(())
-}
-
-fn read_usage(keystore: &Path) -> anyhow::Result<usage::UsageFile> {
-    Ok(usage::read_usage(&usage::usage_path(keystore))?)
-}
-
 fn keys(command: KeysCommand) -> anyhow::Result<()> {
-    let actor = Actor::current();
-    match command {
+    let rt = runtime()?;
+    let printed = match command {
         KeysCommand::List {
             keystore: args,
             json,
-        } => {
-            let ks = keystore::load(&args.keystore, &open(&args)?)?;
-            let listing = admin::list(&ks, &read_usage(&args.keystore)?);
-            if json {
-                println!("{}", serde_json::json!({ "keys": listing }));
-            } else {
-                print!("{}", admin::list_table(&listing));
-            }
-        }
+        } => rt.block_on(admin::keys_list(&opened(&args)?, json))?,
         KeysCommand::History {
             keystore: args,
             json,
-        } => {
-            let ks = keystore::load(&args.keystore, &open(&args)?)?;
-            let history = admin::history(ks.history());
-            if json {
-                println!("{}", serde_json::json!({ "history": history }));
-            } else {
-                print!("{}", admin::history_table(&history));
-            }
-        }
+        } => rt.block_on(admin::keys_history(&opened(&args)?, json))?,
         KeysCommand::Rotate {
             keystore: args,
             stage,
-        } => {
-            let root = open(&args)?;
-            let id = keystore::update(&args.keystore, &root, |ks| {
-                Ok(if stage {
-                    ks.stage(now(), &actor)?
-                } else {
-                    ks.rotate(now(), &actor)?
-                })
-            })?;
-            println!("{id}");
-            if stage {
-                eprintln!(
-                    "staged {id} in {}: it decrypts but does not encrypt. Copy the keystore to every node, check each with `localkms keystore verify`, then `localkms keys promote {id}`.",
-                    args.keystore.display()
-                );
-            } else {
-                eprintln!(
-                    "rotated: {id} is now primary in {}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds.",
-                    args.keystore.display()
-                );
-            }
-        }
+            timeout,
+        } => rt.block_on(admin::keys_rotate(&opened(&args)?, stage, timeout))?,
         KeysCommand::Promote { id, keystore: args } => {
-            keystore::update(&args.keystore, &open(&args)?, |ks| {
-                Ok(ks.promote(&id, now(), &actor)?)
-            })?;
-            println!(
-                "promoted {id} to primary; the previous primary is retired and still decrypts"
-            );
+            rt.block_on(admin::keys_change(&opened(&args)?, "promote", &id, false))?
         }
         KeysCommand::Disable { id, keystore: args } => {
-            keystore::update(&args.keystore, &open(&args)?, |ks| {
-                Ok(ks.disable(&id, now(), &actor)?)
-            })?;
-            println!("disabled {id}: decrypts under it now fail with FailedPrecondition; `localkms keys enable {id}` undoes this");
+            rt.block_on(admin::keys_change(&opened(&args)?, "disable", &id, false))?
         }
         KeysCommand::Enable { id, keystore: args } => {
-            keystore::update(&args.keystore, &open(&args)?, |ks| {
-                Ok(ks.enable(&id, now(), &actor)?)
-            })?;
-            println!("enabled {id}");
+            rt.block_on(admin::keys_change(&opened(&args)?, "enable", &id, false))?
         }
         KeysCommand::Destroy {
             id,
             keystore: args,
             force,
-        } => {
-            let last = read_usage(&args.keystore)?
-                .keys
-                .get(&id)
-                .and_then(|u| u.last_decrypt_unix);
-            keystore::update(&args.keystore, &open(&args)?, |ks| {
-                Ok(ks.destroy(&id, now(), &actor, last, force)?)
-            })?;
-            println!("destroyed {id}: its material is wiped; a tombstone keeps the id so errors can say what happened");
-        }
-    }
+        } => rt.block_on(admin::keys_change(&opened(&args)?, "destroy", &id, force))?,
+    };
+    print(printed);
     Ok(())
 }
 
@@ -285,6 +223,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map(localkms::cli::resolve_group)
         .transpose()
         .map_err(|e| anyhow!(e))?;
+    let node_name = args
+        .node_name
+        .clone()
+        .unwrap_or_else(|| localkms::keystore::Actor::current().host);
+    let etcd_tls = args.etcd.tls();
     let config = if args.dev {
         let setup = dev::prepare(Path::new(dev::DEV_DIR))?;
         eprintln!("{}", dev::banner(&setup));
@@ -297,7 +240,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             socket,
             socket_mode: args.socket_mode,
             socket_group,
-            keystore: setup.keystore,
+            keystore: KeystoreLocation::File(setup.keystore),
+            etcd_tls,
+            cache_dir: args.cache_dir,
+            node_name,
+            node_ttl: args.node_ttl,
             root: RootKeySource::KeyFile(setup.root_key_file),
             status_version: args.status_version.into(),
             rotate_after: args.rotate_after,
@@ -321,7 +268,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             socket: server::socket::parse_endpoint(&args.socket.ok_or_else(missing)?)?,
             socket_mode: args.socket_mode,
             socket_group,
-            keystore: args.keystore.ok_or_else(missing)?,
+            keystore: location(&args.keystore.ok_or_else(missing)?)?,
+            etcd_tls,
+            cache_dir: args.cache_dir,
+            node_name,
+            node_ttl: args.node_ttl,
             root,
             status_version: args.status_version.into(),
             rotate_after: args.rotate_after,
@@ -331,11 +282,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             insecure_skip_file_checks: args.insecure_skip_file_checks,
         }
     };
+    let rt = runtime()?;
     if args_check_config {
-        println!("{}", server::check_config(&config)?);
+        println!("{}", rt.block_on(server::check_config(&config))?);
         return Ok(());
     }
-    runtime()?.block_on(server::serve(config, shutdown_signal()))?;
+    rt.block_on(server::serve(config, shutdown_signal()))?;
     Ok(())
 }
 

@@ -15,11 +15,28 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 use crate::keyring::{Keyring, SharedKeyring};
-use crate::keystore::{self, Actor, HistoryEntry, KeyState, KeystoreError, RootKeyProvider};
+use crate::keystore::{self, Actor, HistoryEntry, KeyState, KeystoreError, RootKeyProvider, Store};
 use crate::usage::{UsageTracker, FLUSH_INTERVAL};
 
 /// How often the keystore file's metadata is checked; well inside the 2 s promise.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Name of the sealed keystore copy kept in `--cache-dir`.
+pub const CACHE_FILE: &str = "keystore.cache.lkms";
+
+/// Where a server writes decrypt usage: beside a file keystore, or in the cache directory of
+/// an etcd one (each node counts its own; `keys list` sums them from the node records).
+pub fn usage_path_for(store: &Store, cache_dir: Option<&Path>) -> PathBuf {
+    match (store, cache_dir) {
+        (Store::File(p), _) => crate::usage::usage_path(p),
+        (Store::Etcd(_), Some(dir)) => dir.join("usage.json"),
+        (Store::Etcd(_), None) => std::env::temp_dir().join("localkms-usage.json"),
+    }
+}
+
+/// The cached copy of an etcd keystore in `dir`.
+pub fn cache_path(dir: &Path) -> PathBuf {
+    dir.join(CACHE_FILE)
+}
 
 /// What one reload attempt did.
 #[derive(Debug)]
@@ -81,7 +98,12 @@ fn fingerprint(path: &Path) -> Fingerprint {
 
 /// Reloads the keystore into a [`SharedKeyring`].
 pub struct Reloader {
-    path: PathBuf,
+    store: Store,
+    /// For etcd keystores: a sealed copy of the last keystore loaded, to start from when etcd
+    /// is down.
+    cache: Option<PathBuf>,
+    /// Where decrypt usage is written.
+    usage_path: PathBuf,
     root: Arc<RootKeyProvider>,
     keyring: SharedKeyring,
     usage: Arc<UsageTracker>,
@@ -94,14 +116,17 @@ impl Reloader {
     /// Watches `path`, opening it with `root`, feeding `keyring`. `history` is the audit trail
     /// of the keystore already loaded, so only later entries are logged.
     pub fn new(
-        path: PathBuf,
+        store: Store,
         root: Arc<RootKeyProvider>,
         keyring: SharedKeyring,
         history: Vec<HistoryEntry>,
     ) -> Self {
         let usage = Arc::clone(keyring.load().usage());
+        let usage_path = usage_path_for(&store, None);
         Reloader {
-            path,
+            store,
+            cache: None,
+            usage_path,
             root,
             keyring,
             usage,
@@ -109,6 +134,19 @@ impl Reloader {
             history: std::sync::Mutex::new(history),
             rotate_after: None,
         }
+    }
+
+    /// For etcd keystores: keep a sealed copy of every keystore loaded in `dir`, and write
+    /// decrypt usage there.
+    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.usage_path = usage_path_for(&self.store, dir.as_deref());
+        self.cache = dir.map(|d| cache_path(&d));
+        self
+    }
+
+    /// Where decrypt usage is written.
+    pub fn usage_path(&self) -> &Path {
+        &self.usage_path
     }
 
     /// Rotates automatically once the primary has been primary for `after`.
@@ -125,14 +163,27 @@ impl Reloader {
     /// Loads the file now and swaps it in if the safety rules allow. `force` reloads even
     /// when the generation is unchanged (SIGHUP).
     pub async fn reload(&self, force: bool) -> ReloadOutcome {
-        let path = self.path.clone();
-        let root = Arc::clone(&self.root);
-        let loaded = tokio::task::spawn_blocking(move || keystore::load(&path, &root)).await;
-        let ks = match loaded {
-            Ok(Ok(ks)) => ks,
-            Ok(Err(e)) => return ReloadOutcome::Failed(e),
-            Err(join) => {
-                return ReloadOutcome::Refused(format!("reload task failed: {join}"));
+        let (ks, raw) = match &self.store {
+            Store::File(path) => {
+                let path = path.clone();
+                let root = Arc::clone(&self.root);
+                match tokio::task::spawn_blocking(move || keystore::load(&path, &root)).await {
+                    Ok(Ok(ks)) => (ks, None),
+                    Ok(Err(e)) => return ReloadOutcome::Failed(e),
+                    Err(join) => {
+                        return ReloadOutcome::Refused(format!("reload task failed: {join}"));
+                    }
+                }
+            }
+            Store::Etcd(_) => {
+                let bytes = match self.store.read_raw().await {
+                    Ok((bytes, _)) => bytes,
+                    Err(e) => return ReloadOutcome::Failed(e),
+                };
+                match keystore::file::decode_with(&self.store.name(), &bytes, &self.root) {
+                    Ok(ks) => (ks, Some(bytes)),
+                    Err(e) => return ReloadOutcome::Failed(e),
+                }
             }
         };
         let current = self.keyring.load();
@@ -165,6 +216,11 @@ impl Reloader {
         }
         self.keyring.store(next);
         self.log_new_history(history);
+        if let (Some(cache), Some(bytes)) = (&self.cache, raw) {
+            if let Err(e) = keystore::file::replace_raw(cache, &bytes) {
+                tracing::warn!(cache = %cache.display(), error = %e, "could not update the keystore cache");
+            }
+        }
         ReloadOutcome::Swapped { from, to }
     }
 
@@ -199,18 +255,18 @@ impl Reloader {
                     .primary_id()
                     .map(|id| id.to_string())
                     .unwrap_or_default();
-                tracing::info!(keystore = %self.path.display(), from, to, primary_key_id = %primary, "keystore reloaded");
+                tracing::info!(keystore = %self.store.name().display(), from, to, primary_key_id = %primary, "keystore reloaded");
             }
             ReloadOutcome::Unchanged => {
-                tracing::debug!(keystore = %self.path.display(), "keystore unchanged");
+                tracing::debug!(keystore = %self.store.name().display(), "keystore unchanged");
             }
             ReloadOutcome::Refused(why) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(keystore = %self.path.display(), kept_generation = kept, "keystore reload refused: {why}; still serving the loaded keyring");
+                tracing::error!(keystore = %self.store.name().display(), kept_generation = kept, "keystore reload refused: {why}; still serving the loaded keyring");
             }
             ReloadOutcome::Failed(e) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(keystore = %self.path.display(), kept_generation = kept, "keystore reload failed: {e}; still serving the loaded keyring");
+                tracing::error!(keystore = %self.store.name().display(), kept_generation = kept, "keystore reload failed: {e}; still serving the loaded keyring");
             }
         }
     }
@@ -227,28 +283,25 @@ impl Reloader {
     }
 
     async fn scheduled_rotation(&self, after: i64) {
-        let path = self.path.clone();
-        let root = Arc::clone(&self.root);
-        let result = tokio::task::spawn_blocking(move || {
-            keystore::update(&path, &root, |ks| {
-                Ok(ks.rotate_if_older(after, OffsetDateTime::now_utc(), &Actor::server())?)
+        let actor = Actor::server();
+        let result = self
+            .store
+            .update(&self.root, |ks| {
+                Ok(ks.rotate_if_older(after, OffsetDateTime::now_utc(), &actor)?)
             })
-        })
-        .await;
+            .await;
         match result {
-            Ok(Ok(Some(id))) => {
+            Ok(Some(id)) => {
                 tracing::info!(new_primary = %id, after_s = after, "scheduled rotation: the primary reached --rotate-after");
                 self.reload_and_log(false).await;
             }
-            Ok(Ok(None)) => self.reload_and_log(false).await,
-            Ok(Err(e)) => tracing::error!(error = %e, "scheduled rotation failed; will retry"),
-            Err(e) => tracing::error!(error = %e, "scheduled rotation task failed; will retry"),
+            Ok(None) => self.reload_and_log(false).await,
+            Err(e) => tracing::error!(error = %e, "scheduled rotation failed; will retry"),
         }
     }
 
     fn flush_usage(&self, force: bool) {
-        let path = crate::usage::usage_path(&self.path);
-        if let Err(e) = self.usage.flush(&path, force) {
+        if let Err(e) = self.usage.flush(&self.usage_path, force) {
             tracing::warn!(error = %e, "could not write key usage");
         }
     }
@@ -264,7 +317,17 @@ impl Reloader {
                 None
             }
         };
-        let mut last = fingerprint(&self.path);
+        let file = self.store.name();
+        let is_file = matches!(self.store, Store::File(_));
+        let mut last = if is_file { fingerprint(&file) } else { None };
+        let mut etcd_changes = match &self.store {
+            Store::Etcd(etcd) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(watch_etcd(etcd.clone(), tx));
+                Some(rx)
+            }
+            Store::File(_) => None,
+        };
         let mut last_flush = Instant::now();
         let mut last_rotation_attempt: Option<Instant> = None;
         tokio::pin!(shutdown);
@@ -281,11 +344,16 @@ impl Reloader {
                         if last_rotation_attempt.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
                             last_rotation_attempt = Some(Instant::now());
                             self.scheduled_rotation(after).await;
-                            last = fingerprint(&self.path);
+                            if is_file {
+                                last = fingerprint(&file);
+                            }
                             continue;
                         }
                     }
-                    let now = fingerprint(&self.path);
+                    if !is_file {
+                        continue;
+                    }
+                    let now = fingerprint(&file);
                     if now == last {
                         continue;
                     }
@@ -293,19 +361,85 @@ impl Reloader {
                     false
                 }
                 Some(()) = async {
+                    match etcd_changes.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => false,
+                Some(()) = async {
                     match hangup.as_mut() {
                         Some(h) => h.recv().await,
                         None => std::future::pending().await,
                     }
                 } => {
                     tracing::info!("SIGHUP received: reloading the keystore");
-                    last = fingerprint(&self.path);
+                    if is_file {
+                        last = fingerprint(&file);
+                    }
                     true
                 }
             };
             self.reload_and_log(force).await;
         }
         self.flush_usage(true);
+    }
+}
+
+/// Sends `()` on `changes` whenever the etcd keystore key changes: from a watch while one can
+/// be held, otherwise by polling its revision every second. Ends when the receiver is gone.
+async fn watch_etcd(etcd: crate::etcd::Etcd, changes: tokio::sync::mpsc::Sender<()>) {
+    let key = etcd.target().keystore_key();
+    let mut rev = etcd
+        .get(&key)
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |kv| kv.mod_revision);
+    let mut warned = false;
+    while !changes.is_closed() {
+        match etcd.watch(&key, rev).await {
+            Ok(mut watch) => {
+                warned = false;
+                loop {
+                    let msg = tokio::select! {
+                        _ = changes.closed() => return,
+                        msg = watch.stream.message() => msg,
+                    };
+                    match msg {
+                        Ok(Some(resp)) if !resp.canceled && resp.compact_revision == 0 => {
+                            let newest = resp
+                                .events
+                                .iter()
+                                .filter_map(|e| e.kv.as_ref())
+                                .map(|kv| kv.mod_revision)
+                                .max();
+                            if let Some(newest) = newest {
+                                rev = newest;
+                                let _ = changes.send(()).await;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                tracing::warn!(
+                    "etcd watch ended; re-establishing it (still serving the loaded keyring)"
+                );
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "cannot watch the etcd keystore; polling it every second until etcd answers");
+                    warned = true;
+                }
+            }
+        }
+        // Catch anything that changed while there was no watch.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(Some(kv)) = etcd.get(&key).await {
+            if kv.mod_revision != rev {
+                rev = kv.mod_revision;
+                let _ = changes.send(()).await;
+            }
+        }
     }
 }
 
@@ -335,7 +469,12 @@ mod tests {
     #[tokio::test]
     async fn rotation_is_picked_up_and_rollback_refused() {
         let (_dir, path, root, shared, history) = setup();
-        let reloader = Reloader::new(path.clone(), Arc::clone(&root), shared.clone(), history);
+        let reloader = Reloader::new(
+            Store::File(path.clone()),
+            Arc::clone(&root),
+            shared.clone(),
+            history,
+        );
         assert!(matches!(
             reloader.reload(false).await,
             ReloadOutcome::Unchanged
@@ -364,7 +503,7 @@ mod tests {
         let (_dir, path, root, shared, history) = setup();
         let before = shared.load().primary_id().cloned();
         std::fs::write(&path, b"garbage").expect("write");
-        let reloader = Reloader::new(path, root, shared.clone(), history);
+        let reloader = Reloader::new(Store::File(path), root, shared.clone(), history);
         assert!(matches!(
             reloader.reload(true).await,
             ReloadOutcome::Failed(_)
@@ -381,7 +520,7 @@ mod tests {
         other.generation = 5;
         std::fs::remove_file(&path).expect("rm");
         keystore::create(&path, &root, &other).expect("create");
-        let reloader = Reloader::new(path, root, shared.clone(), history);
+        let reloader = Reloader::new(Store::File(path), root, shared.clone(), history);
         match reloader.reload(false).await {
             ReloadOutcome::Refused(why) => assert!(why.contains("tombstone"), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),
@@ -393,7 +532,7 @@ mod tests {
     async fn scheduled_rotation_rotates_when_due() {
         let (_dir, path, root, shared, history) = setup();
         let old = shared.load().primary_id().cloned();
-        let reloader = Reloader::new(path, root, shared.clone(), history)
+        let reloader = Reloader::new(Store::File(path), root, shared.clone(), history)
             .with_rotate_after(Some(Duration::from_secs(0)));
         let after = reloader.rotation_due().expect("due");
         reloader.scheduled_rotation(after).await;

@@ -169,7 +169,7 @@ fn assert_serve_line(args: &[String], source: &str) {
         CliCommand::Serve(a) => {
             assert!(!a.dev, "{source}: --dev");
             assert_eq!(a.socket.as_deref(), Some(ENDPOINT), "{source}: socket");
-            assert_eq!(a.keystore.as_deref(), Some(Path::new(KEYSTORE)), "{source}");
+            assert_eq!(a.keystore.as_deref(), Some(KEYSTORE), "{source}");
             assert_eq!(
                 a.root_key_file.as_deref(),
                 Some(Path::new(ROOT_KEY)),

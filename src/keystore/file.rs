@@ -36,7 +36,8 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> KeystoreError + '_ {
     }
 }
 
-fn format_err(path: &Path, e: FormatError) -> KeystoreError {
+/// Names the file in a format error.
+pub(crate) fn format_err(path: &Path, e: FormatError) -> KeystoreError {
     let path = path.to_owned();
     match e {
         FormatError::NotAKeystore => KeystoreError::NotAKeystore(path),
@@ -95,6 +96,34 @@ pub fn create(path: &Path, root: &RootKeyProvider, ks: &Keystore) -> Result<(), 
     write_atomic(path, &key, ks, false)
 }
 
+/// Writes already-sealed bytes as a new keystore file (`keystore copy`), refusing to replace
+/// one.
+pub fn create_raw(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
+    let _lock = Lock::acquire(path)?;
+    if path.exists() {
+        return Err(KeystoreError::AlreadyExists(path.to_owned()));
+    }
+    write_bytes(path, bytes, false, 0)
+}
+
+/// Replaces a file with already-sealed bytes (the etcd keystore's local cache): atomic, with
+/// no backups.
+pub fn replace_raw(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
+    let dir = dir_of(path);
+    let io = io_err(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(&io)?;
+    tmp.write_all(bytes).map_err(&io)?;
+    tmp.as_file().sync_all().map_err(&io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(&io)?;
+    Ok(())
+}
+
 /// Loads the keystore under the lock, lets `change` edit it, and saves it as the next
 /// generation. Nothing is written when `change` fails.
 pub fn update<T>(
@@ -128,7 +157,8 @@ pub fn reseal(
     write_atomic(path, &key, &ks, true)
 }
 
-fn bump_generation(path: &Path, ks: &mut Keystore) -> Result<(), KeystoreError> {
+/// Moves a keystore to its next generation before it is written.
+pub(crate) fn bump_generation(path: &Path, ks: &mut Keystore) -> Result<(), KeystoreError> {
     ks.generation = ks
         .generation
         .checked_add(1)
@@ -153,6 +183,17 @@ fn write_atomic(
     replace: bool,
 ) -> Result<(), KeystoreError> {
     let bytes = Zeroizing::new(format::encode(ks, root).map_err(|e| format_err(path, e))?);
+    write_bytes(path, &bytes, replace, ks.generation)
+}
+
+/// Writes sealed keystore bytes atomically (temp file, fsync, rename, directory fsync),
+/// keeping a backup of the file it replaces.
+fn write_bytes(
+    path: &Path,
+    bytes: &[u8],
+    replace: bool,
+    generation: u64,
+) -> Result<(), KeystoreError> {
     let dir = dir_of(path);
     let io = io_err(path);
     remove_stale_temp_files(dir);
@@ -162,10 +203,10 @@ fn write_atomic(
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .tempfile_in(dir)
         .map_err(&io)?;
-    tmp.write_all(&bytes).map_err(&io)?;
+    tmp.write_all(bytes).map_err(&io)?;
     tmp.as_file().sync_all().map_err(&io)?;
     if replace {
-        backup(path, ks.generation.saturating_sub(1));
+        backup(path, generation.saturating_sub(1));
         tmp.persist(path).map_err(|e| io(e.error))?;
     } else {
         tmp.persist_noclobber(path).map_err(|e| {

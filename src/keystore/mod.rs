@@ -7,12 +7,14 @@ pub mod file;
 pub mod format;
 pub mod model;
 pub mod root_key;
+pub mod store;
 
 use std::path::PathBuf;
 
 pub use file::{create, load, reseal, update};
 pub use model::{Action, Actor, HistoryEntry, KekRecord, KeyState, Keystore, LifecycleError};
 pub use root_key::{Kdf, RootKey, RootKeyError, RootKeyProvider, RootKeySource};
+pub use store::{KeystoreLocation, Store};
 
 use crate::crypto::CryptoError;
 
@@ -69,4 +71,12 @@ pub enum KeystoreError {
     /// The random source failed.
     #[error("keystore operation failed: {0}")]
     Crypto(#[from] CryptoError),
+    /// etcd could not be reached or refused the request.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
+    /// Concurrent writers kept winning the compare-and-swap.
+    #[error(
+        "keystore {0} kept changing under us ({1} attempts); another writer is busy: try again"
+    )]
+    Conflict(PathBuf, usize),
 }

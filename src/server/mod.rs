@@ -16,8 +16,11 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 
+use crate::etcd::EtcdTls;
 use crate::keyring::{Keyring, SharedKeyring};
-use crate::keystore::{self, KeystoreError, RootKeyProvider, RootKeySource};
+use crate::keystore::{
+    self, Keystore, KeystoreError, KeystoreLocation, RootKeyProvider, RootKeySource, Store,
+};
 use crate::proto::v1beta1::key_management_service_server::KeyManagementServiceServer as V1Server;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::reload::Reloader;
@@ -145,8 +148,16 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     /// Group to give the socket file, for an apiserver running as another user.
     pub socket_group: Option<u32>,
-    /// Keystore file.
-    pub keystore: PathBuf,
+    /// Keystore: a file, or a key in etcd.
+    pub keystore: KeystoreLocation,
+    /// TLS for an etcd keystore.
+    pub etcd_tls: EtcdTls,
+    /// etcd keystores: where the sealed cache and decrypt usage live.
+    pub cache_dir: Option<PathBuf>,
+    /// etcd keystores: this server's name in the node records.
+    pub node_name: String,
+    /// etcd keystores: lease on the node record.
+    pub node_ttl: Duration,
     /// Where the root key comes from.
     pub root: RootKeySource,
     /// What Status reports as version.
@@ -180,16 +191,17 @@ fn check_keystore_file(path: &std::path::Path) -> Result<(), KeystoreError> {
 
 /// `serve --check-config`: everything `serve` checks before it binds, without serving.
 /// Returns a summary of what would be served.
-pub fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
-    if !config.insecure_skip_file_checks {
-        check_keystore_file(&config.keystore)?;
+pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
+    let store = Store::open(&config.keystore, &config.etcd_tls)?;
+    if let (Store::File(path), false) = (&store, config.insecure_skip_file_checks) {
+        check_keystore_file(path)?;
     }
     let root = RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?;
-    let ks = keystore::load(&config.keystore, &root)?;
+    let ks = store.load(&root).await?;
     let generation = ks.generation();
     let ring = Keyring::from_keystore(ks, Arc::new(UsageTracker::default()));
     if !ring.healthy() {
-        return Err(ServerError::SelfTest(config.keystore.clone()));
+        return Err(ServerError::SelfTest(store.name()));
     }
     if let Some(addr) = config.metrics_addr {
         if !addr.ip().is_loopback() && !config.metrics_allow_non_loopback {
@@ -201,10 +213,46 @@ pub fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
         "config ok: would serve {} (mode {:04o}) from keystore {} generation {} with primary key {}",
         config.socket.uri(),
         config.socket_mode,
-        config.keystore.display(),
+        config.keystore,
         generation,
         ring.primary_id().map(|id| id.to_string()).unwrap_or_default()
     ))
+}
+
+/// Loads the keystore to start from: from its store, or for an etcd keystore that cannot be
+/// reached, from the local sealed cache.
+async fn initial_keystore(
+    store: &Store,
+    root: &RootKeyProvider,
+    cache_dir: Option<&std::path::Path>,
+) -> Result<Keystore, KeystoreError> {
+    match store {
+        Store::File(path) => keystore::load(path, root),
+        Store::Etcd(_) => {
+            let from_etcd = tokio::time::timeout(Duration::from_secs(5), store.load(root)).await;
+            let err = match from_etcd {
+                Ok(Ok(ks)) => return Ok(ks),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    KeystoreError::Etcd(crate::etcd::EtcdError::StreamEnded("Range (timed out)"))
+                }
+            };
+            let Some(dir) = cache_dir else {
+                return Err(err);
+            };
+            let cache = crate::reload::cache_path(dir);
+            match keystore::load(&cache, root) {
+                Ok(ks) => {
+                    tracing::warn!(error = %err, cache = %cache.display(), generation = ks.generation(), "etcd is unreachable: serving from the local keystore cache and retrying etcd in the background");
+                    Ok(ks)
+                }
+                Err(cache_err) => {
+                    tracing::error!(error = %cache_err, "no usable keystore cache either");
+                    Err(err)
+                }
+            }
+        }
+    }
 }
 
 /// Loads the keystore, binds the socket, serves until `shutdown`, and keeps the keyring in
@@ -213,16 +261,25 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let store = Store::open(&config.keystore, &config.etcd_tls)?;
     if config.insecure_skip_file_checks {
         tracing::warn!(
             "--insecure-skip-file-checks: NOT checking who owns or can read the keystore"
         );
-    } else {
-        check_keystore_file(&config.keystore)?;
+    } else if let Store::File(path) = &store {
+        check_keystore_file(path)?;
+    }
+    if let Some(dir) = &config.cache_dir {
+        let mut builder = std::fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(builder.recursive(true), 0o700);
+        builder.create(dir).map_err(|source| KeystoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
     }
     let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
-    let ks = keystore::load(&config.keystore, &root)?;
-    let usage_path = usage::usage_path(&config.keystore);
+    let ks = initial_keystore(&store, &root, config.cache_dir.as_deref()).await?;
+    let usage_path = crate::reload::usage_path_for(&store, config.cache_dir.as_deref());
     let usage = match usage::read_usage(&usage_path) {
         Ok(file) => UsageTracker::from_file(&file),
         Err(e) => {
@@ -233,7 +290,7 @@ pub async fn serve(
     let history = ks.history().to_vec();
     let ring = Keyring::from_keystore(ks, Arc::new(usage));
     if !ring.healthy() {
-        return Err(ServerError::SelfTest(config.keystore));
+        return Err(ServerError::SelfTest(store.name()));
     }
     let generation = ring.generation();
     let primary = ring
@@ -257,7 +314,7 @@ pub async fn serve(
     }
     tracing::info!(
         socket = %config.socket,
-        keystore = %config.keystore.display(),
+        keystore = %config.keystore,
         generation,
         primary_key_id = %primary,
         status_version = config.status_version.as_str(),
@@ -285,13 +342,25 @@ pub async fn serve(
         );
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let reloader = Reloader::new(
-        config.keystore.clone(),
-        Arc::clone(&root),
-        keyring.clone(),
-        history,
-    )
-    .with_rotate_after(config.rotate_after);
+    let reloader = Reloader::new(store.clone(), Arc::clone(&root), keyring.clone(), history)
+        .with_cache_dir(config.cache_dir.clone())
+        .with_rotate_after(config.rotate_after);
+    if let Store::Etcd(etcd) = &store {
+        if config.cache_dir.is_none() {
+            tracing::warn!("no --cache-dir: this server cannot start while etcd is unreachable");
+        }
+        let mut publish_stop = stop_rx.clone();
+        tokio::spawn(crate::nodes::run_publisher(
+            etcd.clone(),
+            config.node_name.clone(),
+            config.node_ttl,
+            keyring.clone(),
+            Arc::clone(&metrics),
+            async move {
+                let _ = publish_stop.wait_for(|stop| *stop).await;
+            },
+        ));
+    }
     let reload_counters = reloader.counters();
     let mut reload_stop = stop_rx.clone();
     let watcher = tokio::spawn(reloader.watch(async move {

@@ -75,6 +75,8 @@ pub struct Metrics {
     key_last_decrypt: Family<KeyLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
     rejected_peers: Counter,
+    cluster_nodes: Gauge,
+    cluster_converged: Gauge,
 }
 
 impl Default for Metrics {
@@ -165,6 +167,18 @@ impl Metrics {
             "Connections refused by the --allow-uid/--allow-gid check",
             rejected_peers.clone(),
         );
+        let cluster_nodes = Gauge::default();
+        registry.register(
+            "localkms_cluster_nodes",
+            "etcd keystores: live nodes publishing their keystore state",
+            cluster_nodes.clone(),
+        );
+        let cluster_converged = Gauge::default();
+        registry.register(
+            "localkms_cluster_converged",
+            "etcd keystores: 1 when every live node has loaded the same keystore generation",
+            cluster_converged.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -187,7 +201,15 @@ impl Metrics {
             key_last_decrypt,
             reloads,
             rejected_peers,
+            cluster_nodes,
+            cluster_converged,
         }
+    }
+
+    /// Records what the etcd node records say.
+    pub fn set_cluster(&self, nodes: usize, converged: bool) {
+        self.cluster_nodes.set(nodes as i64);
+        self.cluster_converged.set(i64::from(converged));
     }
 
     /// Records one finished request.

@@ -1,0 +1,386 @@
+//! A small etcd v3 client for the etcd keystore backend: get, compare-and-swap put, prefix
+//! listing, leases and watches, over tonic (TLS with client certificates, as a control plane's
+//! etcd requires).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::proto::etcd::compare::{CompareResult, CompareTarget, TargetUnion};
+use crate::proto::etcd::kv_client::KvClient;
+use crate::proto::etcd::lease_client::LeaseClient;
+use crate::proto::etcd::request_op::Request as Op;
+use crate::proto::etcd::watch_client::WatchClient;
+use crate::proto::etcd::watch_request::RequestUnion;
+use crate::proto::etcd::{
+    Compare, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+
+/// How long one etcd request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why etcd could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// The `etcd://` URL is malformed.
+    #[error("{0:?} is not an etcd keystore URL: write etcd://HOST:PORT[,HOST:PORT...]/PREFIX")]
+    BadUrl(String),
+    /// A TLS file could not be read.
+    #[error("cannot read {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Only part of a client certificate pair was given.
+    #[error("--etcd-cert and --etcd-key go together; pass both or neither")]
+    HalfIdentity,
+    /// The endpoint could not be set up.
+    #[error("etcd endpoint {endpoint}: {source}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// What tonic said.
+        source: tonic::transport::Error,
+    },
+    /// An etcd call failed.
+    #[error("etcd {call} failed at {endpoints}: {status} (is etcd reachable, and are --etcd-cacert/--etcd-cert/--etcd-key right?)", status = .status.message())]
+    Rpc {
+        /// Which call.
+        call: &'static str,
+        /// The endpoints tried.
+        endpoints: String,
+        /// The gRPC status.
+        status: tonic::Status,
+    },
+    /// A watch or keep-alive stream ended.
+    #[error("etcd {0} stream ended")]
+    StreamEnded(&'static str),
+}
+
+/// Where in etcd a keystore lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTarget {
+    /// `host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// Key prefix, without a trailing slash (e.g. `/localkms`).
+    pub prefix: String,
+}
+
+impl EtcdTarget {
+    /// Parses `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
+    pub fn parse(url: &str) -> Result<Self, EtcdError> {
+        let bad = || EtcdError::BadUrl(url.to_owned());
+        let rest = url.strip_prefix("etcd://").ok_or_else(bad)?;
+        let (hosts, prefix) = rest.split_once('/').ok_or_else(bad)?;
+        let endpoints: Vec<String> = hosts.split(',').map(str::to_owned).collect();
+        if endpoints.iter().any(|e| e.is_empty() || !e.contains(':')) {
+            return Err(bad());
+        }
+        let prefix = format!("/{}", prefix.trim_end_matches('/'));
+        if prefix == "/" {
+            return Err(bad());
+        }
+        Ok(EtcdTarget { endpoints, prefix })
+    }
+
+    /// The key holding the sealed keystore blob.
+    pub fn keystore_key(&self) -> String {
+        format!("{}/keystore", self.prefix)
+    }
+
+    /// The prefix under which servers publish what they loaded.
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+}
+
+impl std::fmt::Display for EtcdTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "etcd://{}{}", self.endpoints.join(","), self.prefix)
+    }
+}
+
+/// TLS material for etcd (all optional; none means plaintext).
+#[derive(Clone, Debug, Default)]
+pub struct EtcdTls {
+    /// CA bundle that signed the etcd server certificates.
+    pub cacert: Option<PathBuf>,
+    /// Client certificate.
+    pub cert: Option<PathBuf>,
+    /// Client key.
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdTls {
+    fn enabled(&self) -> bool {
+        self.cacert.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    fn config(&self) -> Result<ClientTlsConfig, EtcdError> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| EtcdError::TlsFile {
+                path: p.clone(),
+                source,
+            })
+        };
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &self.cacert {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => return Err(EtcdError::HalfIdentity),
+        }
+        Ok(tls)
+    }
+}
+
+/// What a compare-and-swap expects the key to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist.
+    Absent,
+    /// The key's last modification must be this revision.
+    ModRevision(i64),
+}
+
+/// A live watch: responses arrive on `stream`; dropping it cancels the watch.
+pub struct Watch {
+    /// Watch responses, each carrying the events since the last.
+    pub stream: tonic::Streaming<WatchResponse>,
+    /// Closing the request side would end the watch, so it lives as long as the stream.
+    _requests: tokio::sync::mpsc::Sender<WatchRequest>,
+}
+
+/// A connected client (the connection is made lazily and re-made after failures).
+#[derive(Clone)]
+pub struct Etcd {
+    channel: Channel,
+    target: EtcdTarget,
+}
+
+impl Etcd {
+    /// A client for `target`, balancing across its endpoints.
+    pub fn connect(target: &EtcdTarget, tls: &EtcdTls) -> Result<Self, EtcdError> {
+        let scheme = if tls.enabled() { "https" } else { "http" };
+        let mut endpoints = Vec::new();
+        for e in &target.endpoints {
+            let url = format!("{scheme}://{e}");
+            let mut ep = Endpoint::from_shared(url.clone())
+                .map_err(|source| EtcdError::Endpoint {
+                    endpoint: url.clone(),
+                    source,
+                })?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(REQUEST_TIMEOUT)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5));
+            if tls.enabled() {
+                ep = ep
+                    .tls_config(tls.config()?)
+                    .map_err(|source| EtcdError::Endpoint {
+                        endpoint: url.clone(),
+                        source,
+                    })?;
+            }
+            endpoints.push(ep);
+        }
+        Ok(Etcd {
+            channel: Channel::balance_list(endpoints.into_iter()),
+            target: target.clone(),
+        })
+    }
+
+    /// Where this client points.
+    pub fn target(&self) -> &EtcdTarget {
+        &self.target
+    }
+
+    fn rpc(&self, call: &'static str) -> impl Fn(tonic::Status) -> EtcdError + '_ {
+        move |status| EtcdError::Rpc {
+            call,
+            endpoints: self.target.endpoints.join(","),
+            status,
+        }
+    }
+
+    /// The value and modification revision of `key`, if it exists.
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
+        let resp = KvClient::new(self.channel.clone())
+            .range(RangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map_err(self.rpc("Range"))?
+            .into_inner();
+        Ok(resp.kvs.into_iter().next())
+    }
+
+    /// Every key and value under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, EtcdError> {
+        let resp = KvClient::new(self.channel.clone())
+            .range(RangeRequest {
+                key: prefix.as_bytes().to_vec(),
+                range_end: prefix_end(prefix.as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .map_err(self.rpc("Range"))?
+            .into_inner();
+        Ok(resp.kvs)
+    }
+
+    /// Writes `value` at `key` only if `expect` holds; `false` when another writer got there
+    /// first.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> Result<bool, EtcdError> {
+        let compare = match expect {
+            Expect::Absent => Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Create as i32,
+                key: key.as_bytes().to_vec(),
+                target_union: Some(TargetUnion::CreateRevision(0)),
+            },
+            Expect::ModRevision(rev) => Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Mod as i32,
+                key: key.as_bytes().to_vec(),
+                target_union: Some(TargetUnion::ModRevision(rev)),
+            },
+        };
+        let resp = KvClient::new(self.channel.clone())
+            .txn(TxnRequest {
+                compare: vec![compare],
+                success: vec![RequestOp {
+                    request: Some(Op::RequestPut(PutRequest {
+                        key: key.as_bytes().to_vec(),
+                        value,
+                        lease: 0,
+                    })),
+                }],
+                failure: Vec::new(),
+            })
+            .await
+            .map_err(self.rpc("Txn"))?
+            .into_inner();
+        Ok(resp.succeeded)
+    }
+
+    /// Writes `value` at `key`, attached to `lease` (0 for none).
+    pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
+        KvClient::new(self.channel.clone())
+            .put(PutRequest {
+                key: key.as_bytes().to_vec(),
+                value,
+                lease,
+            })
+            .await
+            .map_err(self.rpc("Put"))?;
+        Ok(())
+    }
+
+    /// A new lease of `ttl` seconds.
+    pub async fn grant(&self, ttl: i64) -> Result<i64, EtcdError> {
+        let resp = LeaseClient::new(self.channel.clone())
+            .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+            .await
+            .map_err(self.rpc("LeaseGrant"))?
+            .into_inner();
+        Ok(resp.id)
+    }
+
+    /// Refreshes `lease` once; returns its remaining TTL (0 when it has expired).
+    pub async fn keep_alive(&self, lease: i64) -> Result<i64, EtcdError> {
+        let request = tokio_stream::once(LeaseKeepAliveRequest { id: lease });
+        let mut stream = LeaseClient::new(self.channel.clone())
+            .lease_keep_alive(request)
+            .await
+            .map_err(self.rpc("LeaseKeepAlive"))?
+            .into_inner();
+        match stream.message().await.map_err(self.rpc("LeaseKeepAlive"))? {
+            Some(resp) => Ok(resp.ttl),
+            None => Err(EtcdError::StreamEnded("LeaseKeepAlive")),
+        }
+    }
+
+    /// Watches `key` for changes after `after_revision`.
+    pub async fn watch(&self, key: &str, after_revision: i64) -> Result<Watch, EtcdError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: key.as_bytes().to_vec(),
+                range_end: Vec::new(),
+                start_revision: after_revision + 1,
+            })),
+        };
+        let _ = tx.send(create).await;
+        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let stream = WatchClient::new(self.channel.clone())
+            .watch(requests)
+            .await
+            .map_err(self.rpc("Watch"))?
+            .into_inner();
+        Ok(Watch {
+            stream,
+            _requests: tx,
+        })
+    }
+}
+
+/// The range end that selects every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let t = EtcdTarget::parse("etcd://10.0.0.1:2379,10.0.0.2:2379/localkms").expect("url");
+        assert_eq!(t.endpoints, ["10.0.0.1:2379", "10.0.0.2:2379"]);
+        assert_eq!(t.prefix, "/localkms");
+        assert_eq!(t.keystore_key(), "/localkms/keystore");
+        assert_eq!(t.nodes_prefix(), "/localkms/nodes/");
+        assert_eq!(t.to_string(), "etcd://10.0.0.1:2379,10.0.0.2:2379/localkms");
+        assert_eq!(
+            EtcdTarget::parse("etcd://h:1/a/b/").expect("nested").prefix,
+            "/a/b"
+        );
+        for bad in [
+            "etcd://h:1",
+            "etcd://h:1/",
+            "etcd:///x",
+            "etcd://host/x",
+            "http://h:1/x",
+        ] {
+            assert!(EtcdTarget::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(&[0x61, 0xff]), vec![0x62]);
+    }
+}
