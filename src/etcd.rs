@@ -162,7 +162,11 @@ pub struct Watch {
 /// A connected client (the connection is made lazily and re-made after failures).
 #[derive(Clone)]
 pub struct Etcd {
-    channel: Channel,
+    endpoints: Vec<Endpoint>,
+    /// One lazily connected channel per member, built on first use (inside the runtime).
+    channels: std::sync::Arc<tokio::sync::OnceCell<Vec<Channel>>>,
+    /// The member that answered last; tried first next time.
+    preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     target: EtcdTarget,
 }
 
@@ -193,9 +197,41 @@ impl Etcd {
             endpoints.push(ep);
         }
         Ok(Etcd {
-            channel: Channel::balance_list(endpoints.into_iter()),
+            endpoints,
+            channels: std::sync::Arc::new(tokio::sync::OnceCell::new()),
+            preferred: std::sync::Arc::default(),
             target: target.clone(),
         })
+    }
+
+    /// Runs `call` against the members in turn, starting with the one that answered last,
+    /// moving on when a member is unreachable. Any other error is final.
+    async fn failover<T, F, Fut>(&self, name: &'static str, call: F) -> Result<T, EtcdError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        use std::sync::atomic::Ordering;
+        let channels = self
+            .channels
+            .get_or_init(|| async { self.endpoints.iter().map(Endpoint::connect_lazy).collect() })
+            .await;
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..channels.len() {
+            let idx = (start + i) % channels.len();
+            match call(channels[idx].clone()).await {
+                Ok(v) => {
+                    self.preferred.store(idx, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(status) if status.code() == tonic::Code::Unavailable => last = Some(status),
+                Err(status) => return Err(self.rpc(name)(status)),
+            }
+        }
+        Err(self.rpc(name)(last.unwrap_or_else(|| {
+            tonic::Status::unavailable("no etcd endpoints")
+        })))
     }
 
     /// Where this client points.
@@ -213,27 +249,33 @@ impl Etcd {
 
     /// The value and modification revision of `key`, if it exists.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
-        let resp = KvClient::new(self.channel.clone())
-            .range(RangeRequest {
-                key: key.as_bytes().to_vec(),
-                ..Default::default()
+        let request = RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let resp = self
+            .failover("Range", |ch| {
+                let request = request.clone();
+                async move { KvClient::new(ch).range(request).await }
             })
-            .await
-            .map_err(self.rpc("Range"))?
+            .await?
             .into_inner();
         Ok(resp.kvs.into_iter().next())
     }
 
     /// Every key and value under `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, EtcdError> {
-        let resp = KvClient::new(self.channel.clone())
-            .range(RangeRequest {
-                key: prefix.as_bytes().to_vec(),
-                range_end: prefix_end(prefix.as_bytes()),
-                ..Default::default()
+        let request = RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix.as_bytes()),
+            ..Default::default()
+        };
+        let resp = self
+            .failover("Range", |ch| {
+                let request = request.clone();
+                async move { KvClient::new(ch).range(request).await }
             })
-            .await
-            .map_err(self.rpc("Range"))?
+            .await?
             .into_inner();
         Ok(resp.kvs)
     }
@@ -260,54 +302,64 @@ impl Etcd {
                 target_union: Some(TargetUnion::ModRevision(rev)),
             },
         };
-        let resp = KvClient::new(self.channel.clone())
-            .txn(TxnRequest {
-                compare: vec![compare],
-                success: vec![RequestOp {
-                    request: Some(Op::RequestPut(PutRequest {
-                        key: key.as_bytes().to_vec(),
-                        value,
-                        lease: 0,
-                    })),
-                }],
-                failure: Vec::new(),
+        let request = TxnRequest {
+            compare: vec![compare],
+            success: vec![RequestOp {
+                request: Some(Op::RequestPut(PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value,
+                    lease: 0,
+                })),
+            }],
+            failure: Vec::new(),
+        };
+        let resp = self
+            .failover("Txn", |ch| {
+                let request = request.clone();
+                async move { KvClient::new(ch).txn(request).await }
             })
-            .await
-            .map_err(self.rpc("Txn"))?
+            .await?
             .into_inner();
         Ok(resp.succeeded)
     }
 
     /// Writes `value` at `key`, attached to `lease` (0 for none).
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
-        KvClient::new(self.channel.clone())
-            .put(PutRequest {
-                key: key.as_bytes().to_vec(),
-                value,
-                lease,
-            })
-            .await
-            .map_err(self.rpc("Put"))?;
+        let request = PutRequest {
+            key: key.as_bytes().to_vec(),
+            value,
+            lease,
+        };
+        self.failover("Put", |ch| {
+            let request = request.clone();
+            async move { KvClient::new(ch).put(request).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// A new lease of `ttl` seconds.
     pub async fn grant(&self, ttl: i64) -> Result<i64, EtcdError> {
-        let resp = LeaseClient::new(self.channel.clone())
-            .lease_grant(LeaseGrantRequest { ttl, id: 0 })
-            .await
-            .map_err(self.rpc("LeaseGrant"))?
+        let resp = self
+            .failover("LeaseGrant", |ch| async move {
+                LeaseClient::new(ch)
+                    .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+                    .await
+            })
+            .await?
             .into_inner();
         Ok(resp.id)
     }
 
     /// Refreshes `lease` once; returns its remaining TTL (0 when it has expired).
     pub async fn keep_alive(&self, lease: i64) -> Result<i64, EtcdError> {
-        let request = tokio_stream::once(LeaseKeepAliveRequest { id: lease });
-        let mut stream = LeaseClient::new(self.channel.clone())
-            .lease_keep_alive(request)
-            .await
-            .map_err(self.rpc("LeaseKeepAlive"))?
+        let mut stream = self
+            .failover("LeaseKeepAlive", |ch| async move {
+                LeaseClient::new(ch)
+                    .lease_keep_alive(tokio_stream::once(LeaseKeepAliveRequest { id: lease }))
+                    .await
+            })
+            .await?
             .into_inner();
         match stream.message().await.map_err(self.rpc("LeaseKeepAlive"))? {
             Some(resp) => Ok(resp.ttl),
@@ -317,7 +369,6 @@ impl Etcd {
 
     /// Watches `key` for changes after `after_revision`.
     pub async fn watch(&self, key: &str, after_revision: i64) -> Result<Watch, EtcdError> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
         let create = WatchRequest {
             request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
                 key: key.as_bytes().to_vec(),
@@ -325,13 +376,26 @@ impl Etcd {
                 start_revision: after_revision + 1,
             })),
         };
-        let _ = tx.send(create).await;
-        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let stream = WatchClient::new(self.channel.clone())
-            .watch(requests)
-            .await
-            .map_err(self.rpc("Watch"))?
+        let senders = std::sync::Mutex::new(Vec::new());
+        let stream = self
+            .failover("Watch", |ch| {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let _ = tx.try_send(create.clone());
+                senders.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+                async move {
+                    WatchClient::new(ch)
+                        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await
+                }
+            })
+            .await?
             .into_inner();
+        // The sender of the attempt that succeeded is the last one made.
+        let tx = senders
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .ok_or(EtcdError::StreamEnded("Watch"))?;
         Ok(Watch {
             stream,
             _requests: tx,

@@ -159,9 +159,7 @@ impl Store {
                     let key = root.key_for(ks.kdf())?;
                     let bytes = format::encode(&ks, &key)
                         .map_err(|err| file::format_err(&self.name(), err))?;
-                    if e.put_if(&e.target().keystore_key(), bytes, Expect::ModRevision(rev))
-                        .await?
-                    {
+                    if cas_write(e, bytes, rev).await? {
                         return Ok(out);
                     }
                     tracing::debug!(attempt, "keystore changed under us in etcd; retrying");
@@ -191,13 +189,32 @@ impl Store {
                     let key = new.key_for(ks.kdf())?;
                     let bytes = format::encode(&ks, &key)
                         .map_err(|err| file::format_err(&self.name(), err))?;
-                    if e.put_if(&e.target().keystore_key(), bytes, Expect::ModRevision(rev))
-                        .await?
-                    {
+                    if cas_write(e, bytes, rev).await? {
                         return Ok(());
                     }
                 }
                 Err(KeystoreError::Conflict(self.name(), CAS_RETRIES))
+            }
+        }
+    }
+}
+
+/// Writes `bytes` over the keystore key if it is still at revision `rev`. When the answer is
+/// lost (etcd unreachable mid-call), reads the key back: if our bytes are there the write
+/// happened and must not be applied a second time.
+async fn cas_write(e: &Etcd, bytes: Vec<u8>, rev: i64) -> Result<bool, KeystoreError> {
+    let key = e.target().keystore_key();
+    match e
+        .put_if(&key, bytes.clone(), Expect::ModRevision(rev))
+        .await
+    {
+        Ok(done) => Ok(done),
+        Err(err) => {
+            let written = e.get(&key).await.ok().flatten();
+            if written.is_some_and(|kv| kv.value == bytes) {
+                Ok(true)
+            } else {
+                Err(err.into())
             }
         }
     }

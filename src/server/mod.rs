@@ -226,21 +226,31 @@ async fn initial_keystore(
     root: &RootKeyProvider,
     cache_dir: Option<&std::path::Path>,
 ) -> Result<Keystore, KeystoreError> {
-    match store {
-        Store::File(path) => keystore::load(path, root),
-        Store::Etcd(_) => {
-            let from_etcd = tokio::time::timeout(Duration::from_secs(5), store.load(root)).await;
-            let err = match from_etcd {
-                Ok(Ok(ks)) => return Ok(ks),
-                Ok(Err(e)) => e,
-                Err(_) => {
-                    KeystoreError::Etcd(crate::etcd::EtcdError::StreamEnded("Range (timed out)"))
+    let Store::Etcd(_) = store else {
+        return store.load(root).await;
+    };
+    let cache = cache_dir.map(crate::reload::cache_path);
+    let from_etcd = match tokio::time::timeout(Duration::from_secs(5), store.read_raw()).await {
+        Ok(Ok((bytes, _))) => Ok(bytes),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(KeystoreError::Etcd(crate::etcd::EtcdError::StreamEnded(
+            "Range (no answer within 5 s)",
+        ))),
+    };
+    match from_etcd {
+        Ok(bytes) => {
+            let ks = keystore::file::decode_with(&store.name(), &bytes, root)?;
+            if let Some(cache) = &cache {
+                if let Err(e) = keystore::file::replace_raw(cache, &bytes) {
+                    tracing::warn!(cache = %cache.display(), error = %e, "could not write the keystore cache");
                 }
-            };
-            let Some(dir) = cache_dir else {
+            }
+            Ok(ks)
+        }
+        Err(err) => {
+            let Some(cache) = cache else {
                 return Err(err);
             };
-            let cache = crate::reload::cache_path(dir);
             match keystore::load(&cache, root) {
                 Ok(ks) => {
                     tracing::warn!(error = %err, cache = %cache.display(), generation = ks.generation(), "etcd is unreachable: serving from the local keystore cache and retrying etcd in the background");

@@ -1,0 +1,670 @@
+//! The etcd keystore backend against a real etcd: shared keystores across servers, two-phase
+//! rotation with zero failed decrypts, compare-and-swap under concurrent writers, serving from
+//! the cache while etcd is down, lease expiry of vanished nodes, copying, and quorum loss.
+//!
+//! Needs the `etcd` binary (Debian: `apt-get install etcd-server`; `.ci/run` installs it). When
+//! it is missing these tests say so and pass, unless LOCALKMS_REQUIRE_ETCD is set (CI sets it),
+//! in which case they fail.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{bin, client, localkms, Server};
+use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+
+fn etcd_available() -> bool {
+    let found = Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("LOCALKMS_REQUIRE_ETCD").is_none(),
+            "LOCALKMS_REQUIRE_ETCD is set but there is no etcd binary: apt-get install -y etcd-server"
+        );
+        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server); set LOCALKMS_REQUIRE_ETCD=1 to make this a failure");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// One etcd member on loopback ports.
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// A real etcd cluster of one or more members.
+struct Etcd {
+    _tmp: tempfile::TempDir,
+    members: Vec<Member>,
+}
+
+impl Etcd {
+    fn start(n: usize) -> Etcd {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                dir: tmp.path().join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.child = Some(spawn_member(m, &cluster, tmp.path()));
+        }
+        let etcd = Etcd { _tmp: tmp, members };
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        let hosts: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client))
+            .collect();
+        format!("etcd://{}/{prefix}", hosts.join(","))
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for m in &self.members {
+            loop {
+                let ok = std::net::TcpStream::connect(("127.0.0.1", m.client)).is_ok();
+                if ok {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd member {} did not start",
+                    m.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        let cluster = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let log_dir = self.members[i].dir.parent().expect("parent").to_owned();
+        let child = spawn_member(&self.members[i], &cluster, &log_dir);
+        self.members[i].child = Some(child);
+        self.wait_healthy();
+    }
+}
+
+fn spawn_member(m: &Member, cluster: &str, log_dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join(format!("{}.log", m.name)))
+        .expect("log");
+    Command::new("etcd")
+        .arg("--name")
+        .arg(&m.name)
+        .arg("--data-dir")
+        .arg(&m.dir)
+        .arg("--listen-client-urls")
+        .arg(format!("http://127.0.0.1:{}", m.client))
+        .arg("--advertise-client-urls")
+        .arg(format!("http://127.0.0.1:{}", m.client))
+        .arg("--listen-peer-urls")
+        .arg(format!("http://127.0.0.1:{}", m.peer))
+        .arg("--initial-advertise-peer-urls")
+        .arg(format!("http://127.0.0.1:{}", m.peer))
+        .arg("--initial-cluster")
+        .arg(cluster)
+        .arg("--initial-cluster-state")
+        .arg("new")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn etcd")
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.stop(i);
+        }
+    }
+}
+
+/// A root key and a scratch directory for servers' sockets and caches.
+struct Node {
+    dir: tempfile::TempDir,
+    root_key: PathBuf,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root_key = dir.path().join("root.key");
+        Node { dir, root_key }
+    }
+
+    fn args<'a>(&'a self, url: &'a str) -> Vec<&'a str> {
+        vec![
+            "--keystore",
+            url,
+            "--root-key-file",
+            self.root_key.to_str().expect("utf8"),
+        ]
+    }
+
+    fn run(&self, url: &str, cmd: &[&str]) -> Output {
+        let mut all: Vec<&str> = cmd.to_vec();
+        all.extend(self.args(url));
+        localkms(&all)
+    }
+
+    fn serve(&self, url: &str, name: &str, extra: &[&str]) -> Server {
+        let socket = self.dir.path().join(format!("{name}.sock"));
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(self.args(url))
+            .arg("--cache-dir")
+            .arg(self.dir.path().join(format!("cache-{name}")))
+            .args(["--node-name", name])
+            .args(extra);
+        Server::spawn(cmd, socket, self.dir.path().join(format!("{name}.log")))
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+async fn status_key_id(ep: &str) -> String {
+    client(ep)
+        .await
+        .expect("connect")
+        .status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .key_id
+}
+
+/// Each server encrypts and the next one decrypts, until stopped; returns (successes, failures).
+fn cross_traffic(
+    endpoints: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut good, mut bad) = (0u32, Vec::new());
+        let mut i = 0u8;
+        while !stop.load(Ordering::Relaxed) {
+            for k in 0..endpoints.len() {
+                i = i.wrapping_add(1);
+                let (enc, dec) = (&endpoints[k], &endpoints[(k + 1) % endpoints.len()]);
+                let r = client(enc)
+                    .await
+                    .expect("connect")
+                    .encrypt(EncryptRequest {
+                        plaintext: vec![i; 32],
+                        uid: "x".into(),
+                    })
+                    .await;
+                let r = match r {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        bad.push(format!("encrypt on {enc}: {e}"));
+                        continue;
+                    }
+                };
+                match client(dec)
+                    .await
+                    .expect("connect")
+                    .decrypt(DecryptRequest {
+                        ciphertext: r.ciphertext,
+                        uid: "x".into(),
+                        key_id: r.key_id.clone(),
+                        annotations: Default::default(),
+                    })
+                    .await
+                {
+                    Ok(d) if d.get_ref().plaintext == vec![i; 32] => good += 1,
+                    Ok(_) => bad.push("wrong plaintext".into()),
+                    Err(e) => bad.push(format!("decrypt of {} on {dec}: {e}", r.key_id)),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (good, bad)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_servers_share_one_keystore_and_rotate_without_a_failed_decrypt() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let url = etcd.url("cluster-a");
+    let node = Node::new();
+    ok(&node.run(&url, &["init"]));
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let servers = [
+        node.serve(&url, "a", &["--metrics-addr", &metrics]),
+        node.serve(&url, "b", &[]),
+        node.serve(&url, "c", &[]),
+    ];
+    let eps: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
+    let first = status_key_id(&eps[0]).await;
+    for ep in &eps {
+        assert_eq!(status_key_id(ep).await, first);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = cross_traffic(eps.clone(), stop.clone());
+    let mut ids = vec![first];
+    for _ in 0..2 {
+        let start = Instant::now();
+        let id = ok(&node.run(&url, &["keys", "rotate", "--timeout", "20s"]));
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "two-phase rotation took {:?}",
+            start.elapsed()
+        );
+        for ep in &eps {
+            let t = Instant::now();
+            while status_key_id(ep).await != id {
+                assert!(
+                    t.elapsed() < Duration::from_secs(2),
+                    "{ep} did not pick up {id} within 2 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (good, bad) = traffic.await.expect("traffic");
+    assert!(bad.is_empty(), "failed requests during rotation: {bad:?}");
+    assert!(good > 30, "too little traffic: {good}");
+
+    // Every node reports the final generation (each publishes within half a second of a
+    // reload); the keystore's history shows stage → promote.
+    let t = Instant::now();
+    loop {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&ok(&node.run(&url, &["nodes", "--json"]))).expect("json");
+        let list = nodes["nodes"].as_array().expect("nodes");
+        assert_eq!(list.len(), 3, "{nodes}");
+        if list.iter().all(|n| n["current"] == true) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "nodes did not converge: {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let history = ok(&node.run(&url, &["keys", "history"]));
+    assert!(
+        history.contains("stage") && history.contains("promote"),
+        "{history}"
+    );
+    // Usage is summed over the nodes.
+    let keys: serde_json::Value =
+        serde_json::from_str(&ok(&node.run(&url, &["keys", "list", "--json"]))).expect("json");
+    let total: u64 = keys["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["decrypts"].as_u64().unwrap_or(0))
+        .sum();
+    let _ = total; // written at most once a minute; presence of the field is what matters here
+    assert!(keys["keys"][0].get("decrypts").is_some());
+
+    // The convergence metric, refreshed with each publication (a third of the node TTL).
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut t = String::new();
+        s.read_to_string(&mut t).expect("read");
+        t
+    };
+    let t = Instant::now();
+    loop {
+        let text = scrape();
+        if text.contains("localkms_cluster_nodes 3")
+            && text.contains("localkms_cluster_converged 1")
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "convergence metric never showed 3 converged nodes:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[test]
+fn concurrent_mutations_are_retried_never_lost() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let url = etcd.url("cas");
+    let node = Node::new();
+    ok(&node.run(&url, &["init"]));
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut cmd = Command::new(bin());
+            cmd.args(["keys", "rotate", "--stage"])
+                .args(node.args(&url))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd.spawn().expect("spawn")
+        })
+        .collect();
+    let mut staged = Vec::new();
+    for w in writers {
+        let out = w.wait_with_output().expect("wait");
+        staged.push(ok(&out));
+    }
+    let verify = ok(&node.run(&url, &["keystore", "verify"]));
+    assert!(
+        verify.contains("generation: 9"),
+        "8 changes on generation 1: {verify}"
+    );
+    for id in &staged {
+        assert!(
+            verify.contains(&format!("key: {id} staged")),
+            "{id} was lost: {verify}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_starts_and_serves_from_its_cache_while_etcd_is_down() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::start(1);
+    let url = etcd.url("cache");
+    let node = Node::new();
+    ok(&node.run(&url, &["init"]));
+    let mut server = node.serve(&url, "a", &[]);
+    let (ct, id) = {
+        let r = client(&server.endpoint())
+            .await
+            .expect("c")
+            .encrypt(EncryptRequest {
+                plaintext: vec![9; 32],
+                uid: "u".into(),
+            })
+            .await
+            .expect("enc")
+            .into_inner();
+        (r.ciphertext, r.key_id)
+    };
+    assert_eq!(server.stop("TERM").code(), Some(0));
+    etcd.stop(0);
+
+    let server = node.serve(&url, "a", &[]);
+    let log = server.log_text();
+    assert!(
+        log.contains("serving from the local keystore cache"),
+        "{log}"
+    );
+    let ep = server.endpoint();
+    let mut c = client(&ep).await.expect("connect");
+    assert_eq!(
+        c.status(StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+            .healthz,
+        "ok"
+    );
+    let d = c
+        .decrypt(DecryptRequest {
+            ciphertext: ct,
+            uid: "u".into(),
+            key_id: id.clone(),
+            annotations: Default::default(),
+        })
+        .await
+        .expect("decrypt from cache");
+    assert_eq!(d.into_inner().plaintext, vec![9; 32]);
+    // Mutations need etcd, and say so.
+    let out = node.run(&url, &["keys", "rotate", "--stage"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is etcd reachable"));
+
+    // etcd comes back: the server reconnects and follows a rotation.
+    etcd.restart(0);
+    let new = ok(&node.run(&url, &["keys", "rotate", "--timeout", "20s"]));
+    let t = Instant::now();
+    while status_key_id(&ep).await != new {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not picked up after etcd came back: {}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_vanished_node_stops_blocking_convergence_once_its_lease_expires() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let url = etcd.url("lease");
+    let node = Node::new();
+    ok(&node.run(&url, &["init"]));
+    let _a = node.serve(&url, "a", &["--node-ttl", "2s"]);
+    let mut b = node.serve(&url, "b", &["--node-ttl", "2s"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ok(&node.run(&url, &["nodes"])).contains("\nb ") {
+        assert!(Instant::now() < deadline, "b never reported");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.signal("KILL");
+    let _ = common::wait_with_timeout(&mut b.child, Duration::from_secs(5));
+
+    // Immediately: b's record is still live and has not loaded the new key.
+    let out = node.run(&url, &["keys", "rotate", "--timeout", "1s"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("stopped at staged") && err.contains(" b") && err.contains("keys promote"),
+        "{err}"
+    );
+    let staged = err
+        .split_whitespace()
+        .find(|w| w.starts_with("kek-"))
+        .expect("key id in message")
+        .trim_end_matches(':')
+        .to_owned();
+    let verify = ok(&node.run(&url, &["keystore", "verify"]));
+    assert!(
+        verify.contains(&format!("key: {staged} staged")),
+        "{verify}"
+    );
+
+    // Once the lease expires, b no longer counts and a rotation completes.
+    let new = ok(&node.run(&url, &["keys", "rotate", "--timeout", "15s"]));
+    let verify = ok(&node.run(&url, &["keystore", "verify"]));
+    assert!(verify.contains(&format!("key: {new} primary")), "{verify}");
+    assert!(!ok(&node.run(&url, &["nodes"])).contains("\nb "));
+}
+
+#[test]
+fn keystore_copy_moves_a_file_keystore_into_etcd_and_back_unchanged() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let url = etcd.url("copy");
+    let ws = common::Workspace::new();
+    assert!(ws.keys(&["rotate"]).status.success());
+    let rk = ws.root_key.to_str().expect("utf8");
+    let file = ws.keystore.to_str().expect("utf8");
+    let before = ok(&localkms(&[
+        "keys",
+        "list",
+        "--json",
+        "--keystore",
+        file,
+        "--root-key-file",
+        rk,
+    ]));
+    ok(&localkms(&[
+        "keystore",
+        "copy",
+        "--from",
+        file,
+        "--to",
+        &url,
+        "--root-key-file",
+        rk,
+    ]));
+    let in_etcd = ok(&localkms(&[
+        "keys",
+        "list",
+        "--json",
+        "--keystore",
+        &url,
+        "--root-key-file",
+        rk,
+    ]));
+    let ids = |s: &str| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(s).expect("json");
+        v["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .map(|k| format!("{} {}", k["id"], k["state"]))
+            .collect()
+    };
+    assert_eq!(ids(&before), ids(&in_etcd));
+    // Copying onto an existing keystore is refused.
+    let out = localkms(&[
+        "keystore",
+        "copy",
+        "--from",
+        file,
+        "--to",
+        &url,
+        "--root-key-file",
+        rk,
+    ]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists")
+    );
+    // And back out to a new file: byte for byte the same sealed keystore.
+    let back = ws.dir.path().join("back.lkms");
+    ok(&localkms(&[
+        "keystore",
+        "copy",
+        "--from",
+        &url,
+        "--to",
+        back.to_str().expect("utf8"),
+        "--root-key-file",
+        rk,
+    ]));
+    assert_eq!(
+        std::fs::read(&back).expect("back"),
+        std::fs::read(&ws.keystore).expect("orig")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_member_etcd_keeps_working_without_one_member() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::start(3);
+    let url = etcd.url("quorum");
+    let node = Node::new();
+    // Wait for a leader: the first write may need a moment.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if node.run(&url, &["init"]).status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "3-member etcd never accepted a write"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let server = node.serve(&url, "a", &[]);
+    let ep = server.endpoint();
+    etcd.stop(0);
+    // Two of three members still form a quorum: mutations and the watch keep working.
+    let new = ok(&node.run(&url, &["keys", "rotate", "--timeout", "20s"]));
+    let t = Instant::now();
+    while status_key_id(&ep).await != new {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "rotation not picked up with one member down: {}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Without quorum, mutations fail cleanly and the server keeps serving.
+    etcd.stop(1);
+    let out = node.run(&url, &["keys", "rotate", "--stage"]);
+    assert!(!out.status.success());
+    assert_eq!(status_key_id(&ep).await, new);
+}
