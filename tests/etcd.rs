@@ -668,3 +668,186 @@ async fn a_three_member_etcd_keeps_working_without_one_member() {
     assert!(!out.status.success());
     assert_eq!(status_key_id(&ep).await, new);
 }
+
+/// A CA, an etcd server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (apt-get install -y openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"],
+        &ec[..],
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for who in ["server", "client"] {
+        run(&[
+            &["req"],
+            &ec[..],
+            &[
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &format!("/CN={who}"),
+            ],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{who}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{who}.crt"),
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{who}.ext"),
+        ]);
+    }
+}
+
+#[test]
+fn etcd_with_tls_and_client_certificates_as_on_a_control_plane() {
+    if !etcd_available() {
+        return;
+    }
+    let node = Node::new();
+    let certs = node.dir.path().join("pki");
+    std::fs::create_dir(&certs).expect("mkdir");
+    make_certs(&certs);
+    let (client_port, peer_port) = (free_port(), free_port());
+    let data = node.dir.path().join("etcd-data");
+    let mut etcd = Command::new("etcd")
+        .arg("--name")
+        .arg("tls")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen-client-urls")
+        .arg(format!("https://127.0.0.1:{client_port}"))
+        .arg("--advertise-client-urls")
+        .arg(format!("https://127.0.0.1:{client_port}"))
+        .arg("--listen-peer-urls")
+        .arg(format!("http://127.0.0.1:{peer_port}"))
+        .arg("--initial-advertise-peer-urls")
+        .arg(format!("http://127.0.0.1:{peer_port}"))
+        .arg("--initial-cluster")
+        .arg(format!("tls=http://127.0.0.1:{peer_port}"))
+        .arg("--cert-file")
+        .arg(certs.join("server.crt"))
+        .arg("--key-file")
+        .arg(certs.join("server.key"))
+        .arg("--trusted-ca-file")
+        .arg(certs.join("ca.crt"))
+        .arg("--client-cert-auth")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", client_port)).is_err() {
+        assert!(Instant::now() < deadline, "TLS etcd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("etcd://127.0.0.1:{client_port}/tls");
+    let p = |f: &str| certs.join(f).display().to_string();
+    let tls = [
+        "--etcd-cacert",
+        &p("ca.crt"),
+        "--etcd-cert",
+        &p("client.crt"),
+        "--etcd-key",
+        &p("client.key"),
+    ];
+    let with_tls = |cmd: &[&str]| {
+        let mut all = cmd.to_vec();
+        all.extend(node.args(&url));
+        all.extend(tls.iter().copied());
+        localkms(&all)
+    };
+    // Leader election may take a moment.
+    let t = Instant::now();
+    while !with_tls(&["init"]).status.success() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "init over TLS never succeeded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(&with_tls(&["keys", "list"]));
+    // Without a client certificate etcd refuses, and the error says where to look.
+    let out = node.run(&url, &["keys", "list", "--etcd-cacert", &p("ca.crt")]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--etcd-cert"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A server over TLS follows a two-phase rotation.
+    let socket = node.dir.path().join("tls.sock");
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(node.args(&url))
+        .args(tls)
+        .arg("--node-name")
+        .arg("tls-node");
+    let server = Server::spawn(cmd, socket, node.dir.path().join("tls.log"));
+    let new = ok(&with_tls(&["keys", "rotate", "--timeout", "20s"]));
+    let out = localkms(&["status", "--socket", &server.endpoint(), "--json"]);
+    let t = Instant::now();
+    let mut status = String::from_utf8_lossy(&out.stdout).to_string();
+    while !status.contains(&new) {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "TLS server did not follow: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        status = String::from_utf8_lossy(
+            &localkms(&["status", "--socket", &server.endpoint(), "--json"]).stdout,
+        )
+        .to_string();
+    }
+    drop(server);
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+}
