@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bin, client, localkms, Server};
+use common::{bin, client, localkms, status_key_id, Server};
 use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
 
 fn etcd_available() -> bool {
@@ -217,17 +217,6 @@ fn ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-async fn status_key_id(ep: &str) -> String {
-    client(ep)
-        .await
-        .expect("connect")
-        .status(StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-        .key_id
 }
 
 /// Each server encrypts and the next one decrypts, until stopped; returns (successes, failures).

@@ -8,8 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{bin, client, localkms, Server, Workspace};
-use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+use common::{bin, decrypt, encrypt, localkms, status_key_id, Server, Workspace};
 use tonic::Code;
 
 fn ok(out: &Output) -> String {
@@ -41,15 +40,6 @@ fn state_of(ws: &Workspace, id: &str) -> String {
         .expect("key listed")
 }
 
-async fn status_key_id(endpoint: &str) -> String {
-    let mut c = client(endpoint).await.expect("connect");
-    c.status(StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-        .key_id
-}
-
 async fn wait_for_key_id(endpoint: &str, want: &str) {
     let start = Instant::now();
     while status_key_id(endpoint).await != want {
@@ -59,31 +49,6 @@ async fn wait_for_key_id(endpoint: &str, want: &str) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn encrypt(endpoint: &str, seed: &[u8]) -> (Vec<u8>, String) {
-    let mut c = client(endpoint).await.expect("connect");
-    let r = c
-        .encrypt(EncryptRequest {
-            plaintext: seed.to_vec(),
-            uid: "t".into(),
-        })
-        .await
-        .expect("encrypt")
-        .into_inner();
-    (r.ciphertext, r.key_id)
-}
-
-async fn decrypt(endpoint: &str, ct: &[u8], key_id: &str) -> Result<Vec<u8>, tonic::Status> {
-    let mut c = client(endpoint).await.expect("connect");
-    c.decrypt(DecryptRequest {
-        ciphertext: ct.to_vec(),
-        uid: "t".into(),
-        key_id: key_id.into(),
-        annotations: Default::default(),
-    })
-    .await
-    .map(|r| r.into_inner().plaintext)
 }
 
 /// Retries until the server reflects a keystore change (at most 2 s).

@@ -6,42 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, client, localkms, Server, Workspace};
-use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
-
-async fn status_key_id(endpoint: &str) -> String {
-    let mut c = client(endpoint).await.expect("connect");
-    c.status(StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-        .key_id
-}
-
-async fn encrypt(endpoint: &str, seed: &[u8]) -> (Vec<u8>, String) {
-    let mut c = client(endpoint).await.expect("connect");
-    let r = c
-        .encrypt(EncryptRequest {
-            plaintext: seed.to_vec(),
-            uid: "e2e".into(),
-        })
-        .await
-        .expect("encrypt")
-        .into_inner();
-    (r.ciphertext, r.key_id)
-}
-
-async fn decrypt(endpoint: &str, ct: &[u8], key_id: &str) -> Result<Vec<u8>, tonic::Status> {
-    let mut c = client(endpoint).await.expect("connect");
-    c.decrypt(DecryptRequest {
-        ciphertext: ct.to_vec(),
-        uid: "e2e".into(),
-        key_id: key_id.into(),
-        annotations: Default::default(),
-    })
-    .await
-    .map(|r| r.into_inner().plaintext)
-}
+use common::{bin, decrypt, encrypt, localkms, status_key_id, Server, Workspace};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_is_picked_up_within_two_seconds_and_old_ciphertexts_still_decrypt() {

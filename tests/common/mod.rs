@@ -273,3 +273,40 @@ pub fn python_venv_with(packages: &[&str]) -> PathBuf {
     );
     bin
 }
+
+/// The key_id the plugin at `endpoint` reports in Status.
+pub async fn status_key_id(endpoint: &str) -> String {
+    let mut c = client(endpoint).await.expect("connect");
+    c.status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .key_id
+}
+
+/// Encrypts `seed`; returns the ciphertext and key_id.
+pub async fn encrypt(endpoint: &str, seed: &[u8]) -> (Vec<u8>, String) {
+    let mut c = client(endpoint).await.expect("connect");
+    let r = c
+        .encrypt(localkms::proto::v2::EncryptRequest {
+            plaintext: seed.to_vec(),
+            uid: "e2e".into(),
+        })
+        .await
+        .expect("encrypt")
+        .into_inner();
+    (r.ciphertext, r.key_id)
+}
+
+/// Decrypts `ct` under `key_id`.
+pub async fn decrypt(endpoint: &str, ct: &[u8], key_id: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut c = client(endpoint).await.expect("connect");
+    c.decrypt(localkms::proto::v2::DecryptRequest {
+        ciphertext: ct.to_vec(),
+        uid: "e2e".into(),
+        key_id: key_id.into(),
+        annotations: Default::default(),
+    })
+    .await
+    .map(|r| r.into_inner().plaintext)
+}
