@@ -840,3 +840,56 @@ fn etcd_with_tls_and_client_certificates_as_on_a_control_plane() {
     let _ = etcd.kill();
     let _ = etcd.wait();
 }
+
+#[test]
+fn every_keys_command_and_root_key_rotation_work_on_etcd() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let url = etcd.url("lifecycle");
+    let node = Node::new();
+    ok(&node.run(&url, &["init"]));
+    let first = ok(&node.run(&url, &["keystore", "verify"]))
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("key: ")
+                .and_then(|r| r.strip_suffix(" primary"))
+                .map(str::to_owned)
+        })
+        .expect("primary");
+    let staged = ok(&node.run(&url, &["keys", "rotate", "--stage"]));
+    ok(&node.run(&url, &["keys", "promote", &staged]));
+    ok(&node.run(&url, &["keys", "disable", &first]));
+    ok(&node.run(&url, &["keys", "enable", &first]));
+    ok(&node.run(&url, &["keys", "disable", &first]));
+    ok(&node.run(&url, &["keys", "destroy", &first]));
+    let verify = ok(&node.run(&url, &["keystore", "verify"]));
+    assert!(
+        verify.contains(&format!("key: {first} destroyed"))
+            && verify.contains(&format!("key: {staged} primary")),
+        "{verify}"
+    );
+    let history = ok(&node.run(&url, &["keys", "history"]));
+    for action in ["init", "stage", "promote", "disable", "enable", "destroy"] {
+        assert!(history.contains(action), "{action} missing: {history}");
+    }
+
+    // Root-key rotation on etcd: re-sealed in one transaction; the old key stops working.
+    let new_key = node.dir.path().join("new-root.key");
+    let new_key_s = new_key.to_str().expect("utf8");
+    ok(&node.run(
+        &url,
+        &["root-key", "rotate", "--new-root-key-file", new_key_s],
+    ));
+    assert!(!node.run(&url, &["keys", "list"]).status.success());
+    let after = ok(&localkms(&[
+        "keystore",
+        "verify",
+        "--keystore",
+        &url,
+        "--root-key-file",
+        new_key_s,
+    ]));
+    assert!(after.contains(&format!("key: {staged} primary")), "{after}");
+}
