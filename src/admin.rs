@@ -385,11 +385,7 @@ pub async fn keys_change(
 ) -> Result<Printed, AdminError> {
     let actor = Actor::current();
     let last = if verb == "destroy" {
-        o.usage()
-            .await?
-            .keys
-            .get(id)
-            .and_then(|u| u.last_decrypt_unix)
+        o.usage().await?.keys.get(id).map(|u| u.last_decrypt_unix)
     } else {
         None
     };
@@ -433,7 +429,7 @@ pub async fn root_key_rotate(
     }
     let _ = writeln!(
         out,
-        "re-sealed {} under {}; the old root key no longer opens it. Restart or SIGHUP running servers with the new root key.",
+        "re-sealed {} under {}; the old root key no longer opens it (older backups beside a keystore file were removed). Restart running servers with the new root key.",
         o.store.name().display(),
         new_source.path().display()
     );
@@ -495,7 +491,7 @@ pub async fn nodes_list(o: &Opened, json: bool) -> Result<Printed, AdminError> {
             primary: n.primary,
             key_ids: n.key_ids,
             last_report: rfc3339(n.updated_unix),
-            age_s: now_s - n.updated_unix,
+            age_s: now_s.saturating_sub(n.updated_unix),
             node: n.node,
         })
         .collect();

@@ -249,6 +249,12 @@ impl Etcd {
 
     /// The value and modification revision of `key`, if it exists.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
+        Ok(self.get_with_revision(key).await?.0)
+    }
+
+    /// As [`get`](Self::get), plus the store's current revision (where a watch that must not
+    /// miss later changes starts).
+    pub async fn get_with_revision(&self, key: &str) -> Result<(Option<KeyValue>, i64), EtcdError> {
         let request = RangeRequest {
             key: key.as_bytes().to_vec(),
             ..Default::default()
@@ -260,7 +266,8 @@ impl Etcd {
             })
             .await?
             .into_inner();
-        Ok(resp.kvs.into_iter().next())
+        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        Ok((resp.kvs.into_iter().next(), revision))
     }
 
     /// Every key and value under `prefix`.

@@ -77,6 +77,7 @@ pub struct KeyInfo {
 /// Every KEK the plugin may use, as of one keystore generation.
 pub struct Keyring {
     generation: u64,
+    write_id: [u8; 12],
     primary: Option<KeyId>,
     keys: HashMap<KeyId, Entry>,
     info: Vec<KeyInfo>,
@@ -89,6 +90,7 @@ impl Keyring {
     /// runs the self-test round trip that Status reports.
     pub fn from_keystore(ks: Keystore, usage: Arc<UsageTracker>) -> Self {
         let generation = ks.generation();
+        let write_id = ks.write_id();
         let mut primary = None;
         let mut keys = HashMap::new();
         let mut info = Vec::new();
@@ -113,6 +115,7 @@ impl Keyring {
         }
         let mut ring = Keyring {
             generation,
+            write_id,
             primary,
             keys,
             info,
@@ -127,6 +130,7 @@ impl Keyring {
     pub fn empty() -> Self {
         Keyring {
             generation: 0,
+            write_id: [0; 12],
             primary: None,
             keys: HashMap::new(),
             info: Vec::new(),
@@ -161,6 +165,11 @@ impl Keyring {
     /// The keystore generation this keyring was built from.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The write the keyring's keystore came from (see [`Keystore::write_id`]).
+    pub fn write_id(&self) -> [u8; 12] {
+        self.write_id
     }
 
     /// The KEK that encrypts, reported by Status as key_id.

@@ -69,7 +69,7 @@ pub fn merged_usage(nodes: &[NodeRecord]) -> UsageFile {
     for n in nodes {
         for (id, u) in &n.usage {
             let e = out.keys.entry(id.clone()).or_default();
-            e.decrypts += u.decrypts;
+            e.decrypts = e.decrypts.saturating_add(u.decrypts);
             if u.last_decrypt_unix > e.last_decrypt_unix {
                 e.last_decrypt_unix = u.last_decrypt_unix;
                 e.last_decrypt_at = u.last_decrypt_at.clone();

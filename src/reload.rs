@@ -193,8 +193,14 @@ impl Reloader {
                 "keystore generation {to} is older than the loaded generation {from} (a restored backup or a stale copy?)"
             ));
         }
-        if to == from && !force {
-            return ReloadOutcome::Unchanged;
+        if to == from && ks.write_id() == current.write_id() {
+            if !force {
+                return ReloadOutcome::Unchanged;
+            }
+        } else if to == from && !force {
+            return ReloadOutcome::Refused(format!(
+                "keystore generation {to} has different contents from the loaded generation {from}: the copies diverged (a change made on two nodes separately?). Make every change on one node and distribute that file; send SIGHUP to load this one anyway"
+            ));
         }
         let history = ks.history().to_vec();
         let next = Keyring::from_keystore(ks, Arc::clone(&self.usage));
@@ -283,6 +289,19 @@ impl Reloader {
     }
 
     async fn scheduled_rotation(&self, after: i64) {
+        // Decide from the keystore itself, not the loaded keyring (which may be stale after a
+        // refused reload): a rotation that is not due must not write a new generation.
+        match self.store.load(&self.root).await {
+            Ok(ks) if !ks.rotation_due(after, OffsetDateTime::now_utc()) => {
+                self.reload_and_log(false).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "scheduled rotation: cannot read the keystore; will retry");
+                return;
+            }
+        }
         let actor = Actor::server();
         let result = self
             .store
@@ -389,15 +408,12 @@ impl Reloader {
 /// be held, otherwise by polling its revision every second. Ends when the receiver is gone.
 async fn watch_etcd(etcd: crate::etcd::Etcd, changes: tokio::sync::mpsc::Sender<()>) {
     let key = etcd.target().keystore_key();
-    let mut rev = etcd
-        .get(&key)
-        .await
-        .ok()
-        .flatten()
-        .map_or(0, |kv| kv.mod_revision);
+    // The store revision already seen: a watch resumes after it, so nothing is missed and
+    // compaction of older revisions does not matter.
+    let mut seen = etcd.get_with_revision(&key).await.map_or(0, |(_, rev)| rev);
     let mut warned = false;
     while !changes.is_closed() {
-        match etcd.watch(&key, rev).await {
+        match etcd.watch(&key, seen).await {
             Ok(mut watch) => {
                 warned = false;
                 loop {
@@ -407,23 +423,32 @@ async fn watch_etcd(etcd: crate::etcd::Etcd, changes: tokio::sync::mpsc::Sender<
                     };
                     match msg {
                         Ok(Some(resp)) if !resp.canceled && resp.compact_revision == 0 => {
-                            let newest = resp
-                                .events
-                                .iter()
-                                .filter_map(|e| e.kv.as_ref())
-                                .map(|kv| kv.mod_revision)
-                                .max();
-                            if let Some(newest) = newest {
-                                rev = newest;
+                            if let Some(h) = &resp.header {
+                                seen = seen.max(h.revision);
+                            }
+                            if !resp.events.is_empty() {
                                 let _ = changes.send(()).await;
                             }
                         }
-                        _ => break,
+                        Ok(Some(resp)) if resp.compact_revision > 0 => {
+                            // Our start revision was compacted away: resume from now and
+                            // reload in case the key changed in between.
+                            tracing::debug!(
+                                compact_revision = resp.compact_revision,
+                                "etcd watch compacted; resuming from the current revision"
+                            );
+                            if let Ok((_, rev)) = etcd.get_with_revision(&key).await {
+                                seen = rev;
+                            }
+                            let _ = changes.send(()).await;
+                            break;
+                        }
+                        _ => {
+                            tracing::warn!("etcd watch ended; re-establishing it (still serving the loaded keyring)");
+                            break;
+                        }
                     }
                 }
-                tracing::warn!(
-                    "etcd watch ended; re-establishing it (still serving the loaded keyring)"
-                );
             }
             Err(e) => {
                 if !warned {
@@ -434,11 +459,11 @@ async fn watch_etcd(etcd: crate::etcd::Etcd, changes: tokio::sync::mpsc::Sender<
         }
         // Catch anything that changed while there was no watch.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Ok(Some(kv)) = etcd.get(&key).await {
-            if kv.mod_revision != rev {
-                rev = kv.mod_revision;
+        if let Ok((kv, rev)) = etcd.get_with_revision(&key).await {
+            if kv.is_some_and(|kv| kv.mod_revision > seen) {
                 let _ = changes.send(()).await;
             }
+            seen = seen.max(rev);
         }
     }
 }
@@ -496,6 +521,27 @@ mod tests {
             ReloadOutcome::Refused(_)
         ));
         assert_eq!(shared.load().primary_id(), Some(&new));
+    }
+
+    #[tokio::test]
+    async fn diverged_copies_at_one_generation_are_refused_unless_forced() {
+        let (_dir, path, root, shared, history) = setup();
+        let loaded = shared.load().primary_id().cloned();
+        // A different keystore written at the same generation.
+        let other =
+            keystore::model::tests::clone_for_test(&keystore::load(&path, &root).expect("load"));
+        std::fs::remove_file(&path).expect("rm");
+        keystore::create(&path, &root, &other).expect("create");
+        let reloader = Reloader::new(Store::File(path), root, shared.clone(), history);
+        match reloader.reload(false).await {
+            ReloadOutcome::Refused(why) => assert!(why.contains("diverged"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(matches!(
+            reloader.reload(true).await,
+            ReloadOutcome::Swapped { .. }
+        ));
+        assert_eq!(shared.load().primary_id().cloned(), loaded);
     }
 
     #[tokio::test]

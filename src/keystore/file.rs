@@ -112,7 +112,7 @@ pub fn replace_raw(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
     let dir = dir_of(path);
     let io = io_err(path);
     let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
+        .prefix(&temp_prefix(path))
         .suffix(TEMP_SUFFIX)
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .tempfile_in(dir)
@@ -154,7 +154,15 @@ pub fn reseal(
     record(&mut ks);
     bump_generation(path, &mut ks)?;
     let key = new.key_for(ks.kdf())?;
-    write_atomic(path, &key, &ks, true)
+    write_atomic(path, &key, &ks, true)?;
+    // The backups are sealed under the old root key, which may be why it is being replaced.
+    for generation in backups(path) {
+        let p = backup_path(path, generation);
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!(backup = %p.display(), error = %e, "could not remove a backup sealed under the old root key; delete it by hand");
+        }
+    }
+    Ok(())
 }
 
 /// Moves a keystore to its next generation before it is written.
@@ -196,9 +204,9 @@ fn write_bytes(
 ) -> Result<(), KeystoreError> {
     let dir = dir_of(path);
     let io = io_err(path);
-    remove_stale_temp_files(dir);
+    remove_stale_temp_files(path);
     let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
+        .prefix(&temp_prefix(path))
         .suffix(TEMP_SUFFIX)
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .tempfile_in(dir)
@@ -221,19 +229,28 @@ fn write_bytes(
     Ok(())
 }
 
-const TEMP_PREFIX: &str = ".localkms-keystore-";
 const TEMP_SUFFIX: &str = ".tmp";
 
-/// Removes temp files left by a writer that died mid-write. Called under the lock, so no live
-/// writer owns one.
-fn remove_stale_temp_files(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// Temp files for `path` are named `.NAME.XXXXXX.tmp`, so cleaning up after one keystore never
+/// touches another keystore's in-flight write in the same directory.
+fn temp_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map_or_else(|| "keystore".into(), |n| n.to_string_lossy());
+    format!(".{name}.")
+}
+
+/// Removes temp files left by a writer of `path` that died mid-write. Called under the lock,
+/// so no live writer owns one.
+fn remove_stale_temp_files(path: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir_of(path)) else {
         return;
     };
+    let prefix = temp_prefix(path);
     for entry in entries.filter_map(|e| e.ok()) {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+        if name.starts_with(&prefix) && name.ends_with(TEMP_SUFFIX) {
             if let Err(e) = std::fs::remove_file(entry.path()) {
                 tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a stale keystore temp file");
             }
@@ -509,7 +526,7 @@ mod reseal_tests {
         let path = dir.path().join("keystore");
         let root = RootKeyProvider::from_key(RootKey::from_bytes([3u8; 32]));
         create(&path, &root, &crate::keystore::model::tests::fresh()).expect("create");
-        let stale = dir.path().join(".localkms-keystore-dead.tmp");
+        let stale = dir.path().join(".keystore.dead.tmp");
         std::fs::write(&stale, b"half a keystore").expect("write");
         update(&path, &root, |_| Ok(())).expect("update");
         assert!(!stale.exists());

@@ -146,6 +146,7 @@ pub fn decode(bytes: &[u8], root: &RootKey) -> Result<Keystore, FormatError> {
     let (records, history) = decode_body(&plain)?;
     Ok(Keystore {
         generation: header.generation,
+        write_id: header.nonce,
         kdf: header.kdf,
         records,
         history,

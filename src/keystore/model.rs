@@ -248,6 +248,9 @@ pub enum LifecycleError {
     /// A destroyed key cannot change state.
     #[error("key {0} was destroyed at {1}; its material is gone and it cannot be used again")]
     Destroyed(KeyId, String),
+    /// Destroy refused because no server has reported usage for the key.
+    #[error("no usage has been recorded for key {0} (the usage file is written by the running server at most once a minute and at shutdown; on etcd, only live nodes report), so it cannot be shown unused; pass --force if you are sure nothing is sealed under it")]
+    NoUsageRecord(KeyId),
     /// Destroy refused because the key decrypted recently.
     #[error("key {id} decrypted data at {last}, within the last {grace_days} days, so data may still be sealed under it; finish storage migration, `localkms keys disable {id}` and watch for decrypt errors, or pass --force to destroy it anyway")]
     RecentlyUsed {
@@ -264,6 +267,9 @@ pub enum LifecycleError {
 #[derive(Debug)]
 pub struct Keystore {
     pub(crate) generation: u64,
+    /// The random nonce of the write this keystore was read from (zeros before its first
+    /// write): two copies with one generation but different write ids have diverged.
+    pub(crate) write_id: [u8; 12],
     pub(crate) kdf: Kdf,
     pub(crate) records: Vec<KekRecord>,
     pub(crate) history: Vec<HistoryEntry>,
@@ -281,6 +287,7 @@ impl Keystore {
     ) -> Result<Self, LifecycleError> {
         let mut ks = Keystore {
             generation: 1,
+            write_id: [0; 12],
             kdf,
             records: Vec::new(),
             history: Vec::new(),
@@ -293,6 +300,11 @@ impl Keystore {
     /// Write generation: grows by one on every saved change, so a reload can refuse going back.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Identifies the exact write this keystore was read from (see the field's docs).
+    pub fn write_id(&self) -> [u8; 12] {
+        self.write_id
     }
 
     /// How the root key is derived for this keystore.
@@ -438,14 +450,17 @@ impl Keystore {
     }
 
     /// Wipes a KEK's material, keeping a tombstone (id and time) so errors can say what
-    /// happened. Refuses the primary, and a KEK whose last decrypt (`last_decrypt_at`, Unix
-    /// seconds, from the usage file) is within [`DESTROY_GRACE_DAYS`] unless `force`.
+    /// happened. Refuses the primary; unless `force`, also refuses a KEK whose last decrypt is
+    /// within [`DESTROY_GRACE_DAYS`], or one with no usage record at all. `last_decrypt_at` is
+    /// what the usage data says: `None` when no server has reported on this KEK,
+    /// `Some(None)` when one has and it never decrypted, `Some(Some(t))` for a last decrypt
+    /// at Unix time `t`.
     pub fn destroy(
         &mut self,
         id: &str,
         now: OffsetDateTime,
         actor: &Actor,
-        last_decrypt_at: Option<i64>,
+        last_decrypt_at: Option<Option<i64>>,
         force: bool,
     ) -> Result<(), LifecycleError> {
         let idx = self.find(id)?;
@@ -458,13 +473,17 @@ impl Keystore {
             _ => {}
         }
         let ts = now.unix_timestamp();
-        if let Some(last) = last_decrypt_at {
-            if !force && ts - last < DESTROY_GRACE_DAYS * 86_400 {
-                return Err(LifecycleError::RecentlyUsed {
-                    id: rec.id.clone(),
-                    last: rfc3339(last),
-                    grace_days: DESTROY_GRACE_DAYS,
-                });
+        if !force {
+            match last_decrypt_at {
+                Some(Some(last)) if ts.saturating_sub(last) < DESTROY_GRACE_DAYS * 86_400 => {
+                    return Err(LifecycleError::RecentlyUsed {
+                        id: rec.id.clone(),
+                        last: rfc3339(last),
+                        grace_days: DESTROY_GRACE_DAYS,
+                    });
+                }
+                Some(_) => {}
+                None => return Err(LifecycleError::NoUsageRecord(rec.id.clone())),
             }
         }
         let rec = &mut self.records[idx];
@@ -478,6 +497,12 @@ impl Keystore {
         Ok(())
     }
 
+    /// Whether the primary has been primary for at least `max_age_secs`.
+    pub fn rotation_due(&self, max_age_secs: i64, now: OffsetDateTime) -> bool {
+        self.primary()
+            .is_some_and(|p| now.unix_timestamp().saturating_sub(p.changed_at) >= max_age_secs)
+    }
+
     /// If the primary has been primary for longer than `max_age_secs`, rotates and returns the
     /// new id. Checked under the keystore lock, so two servers cannot both rotate.
     pub fn rotate_if_older(
@@ -486,10 +511,7 @@ impl Keystore {
         now: OffsetDateTime,
         actor: &Actor,
     ) -> Result<Option<KeyId>, LifecycleError> {
-        let due = self
-            .primary()
-            .is_some_and(|p| now.unix_timestamp() - p.changed_at >= max_age_secs);
-        if !due {
+        if !self.rotation_due(max_age_secs, now) {
             return Ok(None);
         }
         let id = self.create_key(now, KeyState::Staged)?;
@@ -589,6 +611,7 @@ pub(crate) mod tests {
     pub(crate) fn clone_for_test(ks: &Keystore) -> Keystore {
         Keystore {
             generation: ks.generation,
+            write_id: ks.write_id,
             kdf: ks.kdf.clone(),
             records: ks
                 .records
@@ -705,11 +728,15 @@ pub(crate) mod tests {
         ));
         let recent = now().unix_timestamp() - 3600;
         let err = ks
-            .destroy(old.as_str(), now(), &actor(), Some(recent), false)
+            .destroy(old.as_str(), now(), &actor(), Some(Some(recent)), false)
             .expect_err("recently used");
         assert!(err.to_string().contains("--force"), "{err}");
         let long_ago = now().unix_timestamp() - 8 * 86_400;
-        ks.destroy(old.as_str(), now(), &actor(), Some(long_ago), false)
+        assert!(matches!(
+            ks.destroy(old.as_str(), now(), &actor(), None, false),
+            Err(LifecycleError::NoUsageRecord(_))
+        ));
+        ks.destroy(old.as_str(), now(), &actor(), Some(Some(long_ago)), false)
             .expect("old enough");
         let rec = ks
             .records()

@@ -208,7 +208,10 @@ async fn cas_write(e: &Etcd, bytes: Vec<u8>, rev: i64) -> Result<bool, KeystoreE
         .put_if(&key, bytes.clone(), Expect::ModRevision(rev))
         .await
     {
-        Ok(done) => Ok(done),
+        Ok(true) => Ok(true),
+        // A failover may have re-sent a transaction whose first copy committed: its compare
+        // then fails against our own write. The bytes (with their random nonce) tell.
+        Ok(false) => Ok(e.get(&key).await?.is_some_and(|kv| kv.value == bytes)),
         Err(err) => {
             let written = e.get(&key).await.ok().flatten();
             if written.is_some_and(|kv| kv.value == bytes) {

@@ -27,6 +27,12 @@ const FRAME_HEADER_LEN: usize = 9;
 pub const MAX_FRAME_LEN: usize = 16_384;
 /// Largest header block the shim will assemble across HEADERS and CONTINUATION frames.
 pub const MAX_HEADER_BLOCK_LEN: usize = 64 * 1024;
+/// Largest decoded header list (names plus values): HPACK lets a small block reference large
+/// table entries many times, so the decoded size is capped separately.
+pub const MAX_DECODED_HEADERS_LEN: usize = 64 * 1024;
+/// The HPACK dynamic table size the HTTP/2 server advertises (the protocol default); a client
+/// may not ask for more.
+const HPACK_TABLE_SIZE: usize = 4096;
 /// The authority substituted for an invalid one, as kube-apiserver sends today.
 const REPLACEMENT: &[u8] = b"localhost";
 
@@ -47,8 +53,9 @@ pub enum ShimError {
     /// Framing rules were broken.
     #[error("malformed HTTP/2 framing: {0}")]
     Framing(&'static str),
-    /// A header block grew past [`MAX_HEADER_BLOCK_LEN`].
-    #[error("request header block larger than {MAX_HEADER_BLOCK_LEN} bytes")]
+    /// A header block grew past [`MAX_HEADER_BLOCK_LEN`], or decoded past
+    /// [`MAX_DECODED_HEADERS_LEN`].
+    #[error("request headers larger than {MAX_HEADER_BLOCK_LEN} bytes")]
     HeaderBlockTooLarge,
 }
 
@@ -78,6 +85,13 @@ pub struct Rewriter {
     rewritten: u64,
 }
 
+impl Drop for Rewriter {
+    fn drop(&mut self) {
+        self.input.zeroize();
+        self.output.zeroize();
+    }
+}
+
 impl Default for Rewriter {
     fn default() -> Self {
         Self::new()
@@ -87,12 +101,16 @@ impl Default for Rewriter {
 impl Rewriter {
     /// A rewriter at the start of a connection.
     pub fn new() -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
         Rewriter {
             stage: Stage::Preface,
-            input: BytesMut::new(),
-            output: BytesMut::new(),
+            // Sized for a typical exchange up front, so growth (which leaves unwiped copies
+            // in freed memory) is rare.
+            input: BytesMut::with_capacity(32 * 1024),
+            output: BytesMut::with_capacity(32 * 1024),
             pending: None,
-            decoder: loona_hpack::Decoder::new(),
+            decoder,
             encoder: loona_hpack::Encoder::new(),
             rewritten: 0,
         }
@@ -179,6 +197,8 @@ impl Rewriter {
                     self.output.extend_from_slice(&frame);
                 }
             }
+            // DATA frames carry plaintext DEKs: wipe this copy once it is passed on.
+            frame.zeroize();
         }
         Ok(())
     }
@@ -252,11 +272,21 @@ impl Rewriter {
             return Ok(());
         };
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut decoded = 0usize;
+        let mut too_large = false;
         self.decoder
             .decode_with_cb(&block.fragment, |name, value| {
-                headers.push((name.into_owned(), value.into_owned()))
+                decoded = decoded.saturating_add(name.len() + value.len());
+                if decoded > MAX_DECODED_HEADERS_LEN {
+                    too_large = true;
+                } else {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
             })
             .map_err(|e| ShimError::Hpack(format!("{e:?}")))?;
+        if too_large {
+            return Err(ShimError::HeaderBlockTooLarge);
+        }
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" && !is_valid_authority(value) {
                 *value = REPLACEMENT.to_vec();
@@ -392,6 +422,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
             if !out.is_empty() {
                 let n = out.len().min(buf.remaining());
                 buf.put_slice(&out[..n]);
+                out[..n].zeroize();
                 out.advance(n);
                 return Poll::Ready(Ok(()));
             }
@@ -619,6 +650,52 @@ mod tests {
         assert!(got
             .iter()
             .any(|(n, v)| n == b":authority" && v == b"localhost"));
+    }
+
+    #[test]
+    fn hpack_amplification_and_oversized_tables_are_refused() {
+        // One 4000-byte literal added to the dynamic table, then referenced thousands of times.
+        let mut block = vec![0x40, 0x01, b'x'];
+        block.push(0x7f);
+        let mut n = 4000 - 127;
+        while n >= 128 {
+            block.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        block.push(n as u8);
+        block.extend(std::iter::repeat_n(b'y', 4000));
+        block.extend(std::iter::repeat_n(0xbe, 5000)); // index 62: the entry just added
+        let mut input = PREFACE.to_vec();
+        let mut f = BytesMut::new();
+        put_frame_header(&mut f, block.len().min(MAX_FRAME_LEN), TYPE_HEADERS, 0, 1);
+        let first = block.len().min(MAX_FRAME_LEN);
+        f.extend_from_slice(&block[..first]);
+        if first < block.len() {
+            put_frame_header(
+                &mut f,
+                block.len() - first,
+                TYPE_CONTINUATION,
+                FLAG_END_HEADERS,
+                1,
+            );
+            f.extend_from_slice(&block[first..]);
+        } else {
+            f[4] |= FLAG_END_HEADERS;
+        }
+        input.extend_from_slice(&f);
+        let mut rw = Rewriter::new();
+        assert_eq!(rw.feed(&input), Err(ShimError::HeaderBlockTooLarge));
+
+        // A dynamic table size update beyond what the server advertised.
+        let mut rw = Rewriter::new();
+        let mut input = PREFACE.to_vec();
+        let mut f = BytesMut::new();
+        let update = [0x3f, 0xe1, 0xff, 0x03]; // size update to 65536
+        put_frame_header(&mut f, update.len() + 1, TYPE_HEADERS, FLAG_END_HEADERS, 1);
+        f.extend_from_slice(&update);
+        f.put_u8(0x82);
+        input.extend_from_slice(&f);
+        assert!(matches!(rw.feed(&input), Err(ShimError::Hpack(_))));
     }
 
     #[test]
