@@ -133,7 +133,8 @@ impl EtcdTls {
         }
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
-                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                let key = zeroize::Zeroizing::new(read(key)?);
+                tls = tls.identity(Identity::from_pem(read(cert)?, &*key));
             }
             (None, None) => {}
             _ => return Err(EtcdError::HalfIdentity),

@@ -116,7 +116,8 @@ fn seal_with(
         });
     }
     let id = key_id.as_str().as_bytes();
-    let mut out = Vec::with_capacity(overhead(id.len()) + plaintext.len());
+    // Holds plaintext until sealed in place: wiped if anything fails before that.
+    let mut out = Zeroizing::new(Vec::with_capacity(overhead(id.len()) + plaintext.len()));
     out.push(FORMAT_VERSION);
     // KeyId guarantees 1..=64 bytes, so the length fits in one byte.
     out.push(id.len() as u8);
@@ -129,7 +130,8 @@ fn seal_with(
     let (header, body) = out.split_at_mut(header_len);
     let tag = seal_in_place(&message_key, nonce, header, body).map_err(EnvelopeError::Crypto)?;
     out.extend_from_slice(&tag);
-    Ok(out)
+    // Only sealed bytes remain; hand them out without a copy.
+    Ok(std::mem::take(&mut *out))
 }
 
 /// A parsed, not yet authenticated, ciphertext.
