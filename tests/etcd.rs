@@ -8,14 +8,13 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bin, client, localkms, status_key_id, Server};
+use common::{bin, client, free_port, localkms, status_key_id, Server};
 use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
 
 fn etcd_available() -> bool {
@@ -33,20 +32,15 @@ fn etcd_available() -> bool {
     found
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// One etcd member on loopback ports.
 struct Member {
     name: String,
     client: u16,
     peer: u16,
     dir: PathBuf,
+    /// Directory with ca.crt, server.crt and server.key: serve clients over TLS and require
+    /// client certificates, as a control plane's etcd does.
+    tls: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -58,6 +52,10 @@ struct Etcd {
 
 impl Etcd {
     fn start(n: usize) -> Etcd {
+        Self::start_with(n, None)
+    }
+
+    fn start_with(n: usize, tls: Option<&Path>) -> Etcd {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -65,6 +63,7 @@ impl Etcd {
                 client: free_port(),
                 peer: free_port(),
                 dir: tmp.path().join(format!("m{i}")),
+                tls: tls.map(Path::to_owned),
                 child: None,
             })
             .collect();
@@ -135,15 +134,25 @@ fn spawn_member(m: &Member, cluster: &str, log_dir: &Path) -> Child {
         .append(true)
         .open(log_dir.join(format!("{}.log", m.name)))
         .expect("log");
-    Command::new("etcd")
-        .arg("--name")
+    let scheme = if m.tls.is_some() { "https" } else { "http" };
+    let mut cmd = Command::new("etcd");
+    if let Some(certs) = &m.tls {
+        cmd.arg("--cert-file")
+            .arg(certs.join("server.crt"))
+            .arg("--key-file")
+            .arg(certs.join("server.key"))
+            .arg("--trusted-ca-file")
+            .arg(certs.join("ca.crt"))
+            .arg("--client-cert-auth");
+    }
+    cmd.arg("--name")
         .arg(&m.name)
         .arg("--data-dir")
         .arg(&m.dir)
         .arg("--listen-client-urls")
-        .arg(format!("http://127.0.0.1:{}", m.client))
+        .arg(format!("{scheme}://127.0.0.1:{}", m.client))
         .arg("--advertise-client-urls")
-        .arg(format!("http://127.0.0.1:{}", m.client))
+        .arg(format!("{scheme}://127.0.0.1:{}", m.client))
         .arg("--listen-peer-urls")
         .arg(format!("http://127.0.0.1:{}", m.peer))
         .arg("--initial-advertise-peer-urls")
@@ -354,18 +363,7 @@ async fn three_servers_share_one_keystore_and_rotate_without_a_failed_decrypt() 
     assert!(keys["keys"][0].get("decrypts").is_some());
 
     // The convergence metric, refreshed with each publication (a third of the node TTL).
-    let scrape = || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("write");
-        let mut t = String::new();
-        s.read_to_string(&mut t).expect("read");
-        t
-    };
+    let scrape = || common::http_get(port, "/metrics").1;
     let t = Instant::now();
     loop {
         let text = scrape();
@@ -743,40 +741,8 @@ fn etcd_with_tls_and_client_certificates_as_on_a_control_plane() {
     let certs = node.dir.path().join("pki");
     std::fs::create_dir(&certs).expect("mkdir");
     make_certs(&certs);
-    let (client_port, peer_port) = (free_port(), free_port());
-    let data = node.dir.path().join("etcd-data");
-    let mut etcd = Command::new("etcd")
-        .arg("--name")
-        .arg("tls")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--listen-client-urls")
-        .arg(format!("https://127.0.0.1:{client_port}"))
-        .arg("--advertise-client-urls")
-        .arg(format!("https://127.0.0.1:{client_port}"))
-        .arg("--listen-peer-urls")
-        .arg(format!("http://127.0.0.1:{peer_port}"))
-        .arg("--initial-advertise-peer-urls")
-        .arg(format!("http://127.0.0.1:{peer_port}"))
-        .arg("--initial-cluster")
-        .arg(format!("tls=http://127.0.0.1:{peer_port}"))
-        .arg("--cert-file")
-        .arg(certs.join("server.crt"))
-        .arg("--key-file")
-        .arg(certs.join("server.key"))
-        .arg("--trusted-ca-file")
-        .arg(certs.join("ca.crt"))
-        .arg("--client-cert-auth")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", client_port)).is_err() {
-        assert!(Instant::now() < deadline, "TLS etcd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let url = format!("etcd://127.0.0.1:{client_port}/tls");
+    let etcd = Etcd::start_with(1, Some(&certs));
+    let url = etcd.url("tls");
     let p = |f: &str| certs.join(f).display().to_string();
     let tls = [
         "--etcd-cacert",
@@ -837,8 +803,6 @@ fn etcd_with_tls_and_client_certificates_as_on_a_control_plane() {
         .to_string();
     }
     drop(server);
-    let _ = etcd.kill();
-    let _ = etcd.wait();
 }
 
 #[test]

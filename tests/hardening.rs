@@ -256,11 +256,7 @@ fn refuses_keystore_and_root_key_files_others_can_reach() {
 #[test]
 fn peer_credentials_gate_every_connection() {
     let ws = Workspace::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = common::free_port();
     let me = rustix::process::geteuid().as_raw().to_string();
     // The socket is world-writable here so that only the peer check stands in the way.
     let server = ws.serve_with(&[
@@ -315,18 +311,7 @@ fn peer_credentials_gate_every_connection() {
         log.contains("refused a connection") && log.contains("gid=65534") && log.contains("pid="),
         "{log}"
     );
-    let metrics = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("write");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("read");
-        body
-    };
+    let metrics = common::http_get(port, "/metrics").1;
     assert!(
         metrics
             .lines()

@@ -2,40 +2,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 
-use common::{bin, client, localkms, Server, Workspace};
+use common::{bin, client, free_port, http_get as get, localkms, Server, Workspace};
 use localkms::proto::v1beta1::key_management_service_client::KeyManagementServiceClient as V1Client;
 use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// A plain HTTP/1.1 GET; returns (status code, body).
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
-    let code = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
-}
 
 fn metric(text: &str, line_start: &str) -> Option<f64> {
     text.lines()

@@ -131,11 +131,22 @@ pub fn update<T>(
     root: &RootKeyProvider,
     change: impl FnOnce(&mut Keystore) -> Result<T, KeystoreError>,
 ) -> Result<T, KeystoreError> {
+    rewrite(path, root, root, change)
+}
+
+/// Under the lock: opens with `old`, applies `change`, and seals the next generation with
+/// `new` (the same provider, except when re-sealing).
+fn rewrite<T>(
+    path: &Path,
+    old: &RootKeyProvider,
+    new: &RootKeyProvider,
+    change: impl FnOnce(&mut Keystore) -> Result<T, KeystoreError>,
+) -> Result<T, KeystoreError> {
     let _lock = Lock::acquire(path)?;
-    let mut ks = load(path, root)?;
+    let mut ks = load(path, old)?;
     let out = change(&mut ks)?;
     bump_generation(path, &mut ks)?;
-    let key = root.key_for(ks.kdf())?;
+    let key = new.key_for(ks.kdf())?;
     write_atomic(path, &key, &ks, true)?;
     Ok(out)
 }
@@ -148,13 +159,11 @@ pub fn reseal(
     new: &RootKeyProvider,
     record: impl FnOnce(&mut Keystore),
 ) -> Result<(), KeystoreError> {
-    let _lock = Lock::acquire(path)?;
-    let mut ks = load(path, old)?;
-    ks.kdf = new.new_kdf()?;
-    record(&mut ks);
-    bump_generation(path, &mut ks)?;
-    let key = new.key_for(ks.kdf())?;
-    write_atomic(path, &key, &ks, true)?;
+    rewrite(path, old, new, |ks| {
+        ks.kdf = new.new_kdf()?;
+        record(ks);
+        Ok(())
+    })?;
     // The backups are sealed under the old root key, which may be why it is being replaced.
     for generation in backups(path) {
         let p = backup_path(path, generation);

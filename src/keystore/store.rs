@@ -147,27 +147,11 @@ impl Store {
     pub async fn update<T>(
         &self,
         root: &RootKeyProvider,
-        mut change: impl FnMut(&mut Keystore) -> Result<T, KeystoreError>,
+        change: impl FnMut(&mut Keystore) -> Result<T, KeystoreError>,
     ) -> Result<T, KeystoreError> {
         match self {
             Store::File(p) => file::update(p, root, change),
-            Store::Etcd(e) => {
-                for attempt in 0..CAS_RETRIES {
-                    let (mut ks, rev) = self.load_with_revision(root).await?;
-                    let out = change(&mut ks)?;
-                    file::bump_generation(&self.name(), &mut ks)?;
-                    let key = root.key_for(ks.kdf())?;
-                    let bytes = format::encode(&ks, &key)
-                        .map_err(|err| file::format_err(&self.name(), err))?;
-                    if cas_write(e, bytes, rev).await? {
-                        return Ok(out);
-                    }
-                    tracing::debug!(attempt, "keystore changed under us in etcd; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt as u64 + 1)))
-                        .await;
-                }
-                Err(KeystoreError::Conflict(self.name(), CAS_RETRIES))
-            }
+            Store::Etcd(e) => self.cas_rewrite(e, root, root, change).await,
         }
     }
 
@@ -181,21 +165,40 @@ impl Store {
         match self {
             Store::File(p) => file::reseal(p, old, new, record),
             Store::Etcd(e) => {
-                for _ in 0..CAS_RETRIES {
-                    let (mut ks, rev) = self.load_with_revision(old).await?;
+                self.cas_rewrite(e, old, new, |ks| {
                     ks.kdf = new.new_kdf()?;
-                    record(&mut ks);
-                    file::bump_generation(&self.name(), &mut ks)?;
-                    let key = new.key_for(ks.kdf())?;
-                    let bytes = format::encode(&ks, &key)
-                        .map_err(|err| file::format_err(&self.name(), err))?;
-                    if cas_write(e, bytes, rev).await? {
-                        return Ok(());
-                    }
-                }
-                Err(KeystoreError::Conflict(self.name(), CAS_RETRIES))
+                    record(ks);
+                    Ok(())
+                })
+                .await
             }
         }
+    }
+
+    /// The etcd read-modify-write: opens with `old`, applies `change`, seals the next
+    /// generation with `new`, and writes it only if nobody else wrote since the read; retried
+    /// from a fresh read otherwise.
+    async fn cas_rewrite<T>(
+        &self,
+        e: &Etcd,
+        old: &RootKeyProvider,
+        new: &RootKeyProvider,
+        mut change: impl FnMut(&mut Keystore) -> Result<T, KeystoreError>,
+    ) -> Result<T, KeystoreError> {
+        for attempt in 0..CAS_RETRIES {
+            let (mut ks, rev) = self.load_with_revision(old).await?;
+            let out = change(&mut ks)?;
+            file::bump_generation(&self.name(), &mut ks)?;
+            let key = new.key_for(ks.kdf())?;
+            let bytes =
+                format::encode(&ks, &key).map_err(|err| file::format_err(&self.name(), err))?;
+            if cas_write(e, bytes, rev).await? {
+                return Ok(out);
+            }
+            tracing::debug!(attempt, "keystore changed under us in etcd; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt as u64 + 1))).await;
+        }
+        Err(KeystoreError::Conflict(self.name(), CAS_RETRIES))
     }
 }
 

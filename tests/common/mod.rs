@@ -108,22 +108,13 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn spawn(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = cmd
-            .env("LOCALKMS_LOG_LEVEL", "debug")
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn serve");
-        let mut server = Server { child, socket, log };
+    pub fn spawn(cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
+        let mut server = Self::launch(cmd, socket, log);
         server.wait_ready();
         server
     }
 
-    /// Starts a server whose Status this process may not be allowed to call (peer checks):
-    /// waits only for the socket file to appear.
-    pub fn spawn_without_probe(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
+    fn launch(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = cmd
             .env("LOCALKMS_LOG_LEVEL", "debug")
@@ -131,7 +122,13 @@ impl Server {
             .stderr(log_file)
             .spawn()
             .expect("spawn serve");
-        let mut server = Server { child, socket, log };
+        Server { child, socket, log }
+    }
+
+    /// Starts a server whose Status this process may not be allowed to call (peer checks):
+    /// waits only for the socket file to appear.
+    pub fn spawn_without_probe(cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
+        let mut server = Self::launch(cmd, socket, log);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(server.socket.exists() && server.log_text().contains("serving KMS")) {
             if let Ok(Some(status)) = server.child.try_wait() {
@@ -309,4 +306,36 @@ pub async fn decrypt(endpoint: &str, ct: &[u8], key_id: &str) -> Result<Vec<u8>,
     })
     .await
     .map(|r| r.into_inner().plaintext)
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
