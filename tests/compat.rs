@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,100 +11,7 @@ use localkms::proto::v1beta1::key_management_service_client::KeyManagementServic
 use localkms::proto::v2::StatusResponse;
 use prost::Message;
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len();
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// What a raw HTTP/2 exchange returned for one unary gRPC call.
-#[derive(Debug, Default)]
-struct RawReply {
-    status: Option<String>,
-    grpc_status: Option<String>,
-    reset: bool,
-    body: Vec<u8>,
-}
-
-/// Sends one unary gRPC call with a hand-built header block, so `:authority` can be anything
-/// (or absent) — exactly what kube-apiserver, grpc-java and C-core put on the wire.
-fn raw_call(
-    socket: &std::path::Path,
-    authority: Option<&[u8]>,
-    path: &str,
-    message: &[u8],
-) -> RawReply {
-    let mut s = UnixStream::connect(socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mut enc = loona_hpack::Encoder::new();
-    let mut headers: Vec<(&[u8], &[u8])> = vec![
-        (b":method", b"POST"),
-        (b":scheme", b"http"),
-        (b":path", path.as_bytes()),
-    ];
-    if let Some(a) = authority {
-        headers.push((b":authority", a));
-    }
-    headers.push((b"content-type", b"application/grpc"));
-    headers.push((b"te", b"trailers"));
-    let block = enc.encode(headers);
-    let mut grpc = vec![0u8];
-    grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    grpc.extend_from_slice(message);
-    let mut out = PREFACE.to_vec();
-    out.extend(frame(0x4, 0, 0, &[]));
-    out.extend(frame(0x1, 0x4, 1, &block));
-    out.extend(frame(0x0, 0x1, 1, &grpc));
-    s.write_all(&out).expect("write");
-
-    let mut dec = loona_hpack::Decoder::new();
-    let mut reply = RawReply::default();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        while buf.len() >= 9 {
-            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-            if buf.len() < 9 + len {
-                break;
-            }
-            let (kind, flags) = (buf[3], buf[4]);
-            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-            let payload = buf[9..9 + len].to_vec();
-            buf.drain(..9 + len);
-            match (kind, stream) {
-                (0x4, 0) if flags & 1 == 0 => s.write_all(&frame(0x4, 1, 0, &[])).expect("ack"),
-                (0x0, 1) => reply.body.extend_from_slice(&payload),
-                (0x1, 1) => {
-                    for (n, v) in dec.decode(&payload).expect("hpack") {
-                        let v = String::from_utf8_lossy(&v).to_string();
-                        match &n[..] {
-                            b":status" => reply.status = Some(v),
-                            b"grpc-status" => reply.grpc_status = Some(v),
-                            _ => {}
-                        }
-                    }
-                    if flags & 1 != 0 {
-                        return reply;
-                    }
-                }
-                (0x3, 1) | (0x7, _) => {
-                    reply.reset = true;
-                    return reply;
-                }
-                _ => {}
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return reply,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
+use common::raw_h2::raw_call;
 
 #[test]
 fn every_authority_form_is_answered() {

@@ -327,3 +327,42 @@ fn cli_errors_name_the_file_and_the_fix() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unix:///"));
 }
+
+#[test]
+fn sigterm_lets_an_in_flight_call_finish_before_exiting() {
+    use localkms::proto::v2::{EncryptRequest, EncryptResponse};
+    use prost::Message;
+    let ws = Workspace::new();
+    let mut server = ws.serve();
+    // A call whose headers have arrived but whose body has not: in flight.
+    let call = common::raw_h2::RawCall::start(
+        &ws.socket,
+        Some(b"localhost"),
+        "/v2.KeyManagementService/Encrypt",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    server.signal("TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        server.child.try_wait().expect("wait").is_none(),
+        "the server must wait for the in-flight call: {}",
+        server.log_text()
+    );
+    // ...while accepting nothing new.
+    assert!(
+        std::os::unix::net::UnixStream::connect(&ws.socket).is_err(),
+        "a draining server must not accept new connections"
+    );
+    let request = EncryptRequest {
+        plaintext: vec![7u8; 32],
+        uid: "in-flight".into(),
+    };
+    let reply = call.finish(&request.encode_to_vec());
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+    let response = EncryptResponse::decode(&reply.body[5..]).expect("EncryptResponse");
+    assert!(response.key_id.starts_with("kek-"));
+    let status = common::wait_with_timeout(&mut server.child, Duration::from_secs(12));
+    assert_eq!(status.code(), Some(0), "{}", server.log_text());
+    assert!(!ws.socket.exists());
+    assert!(server.log_text().contains("shutting down"));
+}

@@ -1,6 +1,8 @@
 //! Shared harness for the end-to-end tests: runs the real `localkms` binary on a temp socket.
 #![allow(dead_code)]
 
+pub mod raw_h2;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
