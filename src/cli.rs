@@ -345,6 +345,9 @@ pub struct ServeArgs {
     /// A client must send its HTTP/2 preface within this time.
     #[arg(long, env = "LOCALKMS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
+    /// Close a connection that sends no request for this long (clients reconnect as needed).
+    #[arg(long, env = "LOCALKMS_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Serve /metrics, /healthz, /readyz and /livez on this address (loopback only unless
     /// --metrics-allow-non-loopback). Off unless set.
     #[arg(long, env = "LOCALKMS_METRICS_ADDR")]

@@ -207,6 +207,7 @@ fn limits(args: &ServeArgs) -> server::Limits {
             allow_gids: args.allow_gid.clone(),
             max_connections: args.max_connections,
             handshake_timeout: args.handshake_timeout,
+            idle_timeout: args.idle_timeout,
         },
         max_in_flight: args.max_in_flight,
         request_timeout: args.request_timeout,

@@ -366,3 +366,40 @@ fn sigterm_lets_an_in_flight_call_finish_before_exiting() {
     assert!(!ws.socket.exists());
     assert!(server.log_text().contains("shutting down"));
 }
+
+#[test]
+fn idle_connections_are_closed_and_clients_reconnect() {
+    use std::io::Read;
+    let ws = Workspace::new();
+    let server = ws.serve_with(&["--idle-timeout", "1s"]);
+    // A raw connection that made one call and then went quiet is closed by the server.
+    let call = common::raw_h2::RawCall::start(&ws.socket, None, "/v2.KeyManagementService/Status");
+    let (reply, mut stream) = call.finish_keep(&[]);
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => assert!(
+                start.elapsed() < Duration::from_secs(4),
+                "connection never closed"
+            ),
+        }
+    }
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
+    );
+    // A gRPC client simply reconnects.
+    let out = localkms(&["check", "--socket", &server.endpoint()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

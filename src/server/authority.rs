@@ -83,6 +83,7 @@ pub struct Rewriter {
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
     rewritten: u64,
+    requests: u64,
 }
 
 impl Drop for Rewriter {
@@ -113,7 +114,13 @@ impl Rewriter {
             decoder,
             encoder: loona_hpack::Encoder::new(),
             rewritten: 0,
+            requests: 0,
         }
+    }
+
+    /// How many request header blocks this connection has sent.
+    pub fn requests(&self) -> u64 {
+        self.requests
     }
 
     /// How many `:authority` values this connection has had replaced.
@@ -271,6 +278,7 @@ impl Rewriter {
         let Some(block) = self.pending.take() else {
             return Ok(());
         };
+        self.requests += 1;
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut decoded = 0usize;
         let mut too_large = false;
@@ -360,25 +368,37 @@ pub struct AuthorityShim<S> {
     inner: S,
     rewriter: Rewriter,
     eof: bool,
-    /// Until the HTTP/2 preface has arrived: when to give up on the client.
-    handshake_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When to give up on the client: the handshake deadline until the HTTP/2 preface has
+    /// arrived, then `idle` after the last request.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// How long a connection may go without a request.
+    idle: std::time::Duration,
+    /// Requests seen when the idle deadline was last reset.
+    seen_requests: u64,
+    /// Whether the handshake is over (the deadline is the idle one).
+    handshaken: bool,
     /// The connection slot this connection occupies; freed when it closes.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<S> AuthorityShim<S> {
     /// Wraps a freshly accepted connection that must send its HTTP/2 preface within
-    /// `handshake_timeout`, holding `slot` until it closes.
+    /// `handshake_timeout` and is closed after `idle_timeout` without a request, holding
+    /// `slot` until it closes.
     pub fn new(
         inner: S,
         handshake_timeout: std::time::Duration,
+        idle_timeout: std::time::Duration,
         slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Self {
         AuthorityShim {
             inner,
             rewriter: Rewriter::new(),
             eof: false,
-            handshake_deadline: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+            deadline: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+            idle: idle_timeout,
+            seen_requests: 0,
+            handshaken: false,
             _slot: Some(slot),
         }
     }
@@ -389,7 +409,10 @@ impl<S> AuthorityShim<S> {
             inner,
             rewriter: Rewriter::new(),
             eof: false,
-            handshake_deadline: None,
+            deadline: None,
+            idle: std::time::Duration::MAX,
+            seen_requests: 0,
+            handshaken: false,
             _slot: None,
         }
     }
@@ -407,14 +430,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(deadline) = this.handshake_deadline.as_mut() {
-            if this.rewriter.stage != Stage::Preface {
-                this.handshake_deadline = None;
-            } else if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "client did not send the HTTP/2 preface in time",
-                )));
+        if let Some(deadline) = this.deadline.as_mut() {
+            let requests = this.rewriter.requests();
+            let handshaken = this.rewriter.stage != Stage::Preface;
+            if (handshaken && !this.handshaken) || requests != this.seen_requests {
+                this.handshaken = handshaken;
+                this.seen_requests = requests;
+                // Far enough in the future to mean "never" when the idle limit is unbounded.
+                let at = tokio::time::Instant::now()
+                    .checked_add(this.idle)
+                    .unwrap_or_else(|| {
+                        tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
+                    });
+                deadline.as_mut().reset(at);
+            }
+            // Polled every time, so the timer can wake this connection up.
+            if deadline.as_mut().poll(cx).is_ready() {
+                let why = if this.handshaken {
+                    "connection idle for longer than --idle-timeout; closing it"
+                } else {
+                    "client did not send the HTTP/2 preface in time"
+                };
+                tracing::debug!("{why}");
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
             }
         }
         loop {

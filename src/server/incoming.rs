@@ -43,6 +43,9 @@ pub struct AcceptPolicy {
     pub max_connections: usize,
     /// A client must send the HTTP/2 preface within this time or is disconnected.
     pub handshake_timeout: Duration,
+    /// A connection with no new request for this long is closed (clients reconnect on their
+    /// next call; kube-apiserver polls Status every minute, so its connection never idles).
+    pub idle_timeout: Duration,
 }
 
 impl Default for AcceptPolicy {
@@ -52,6 +55,7 @@ impl Default for AcceptPolicy {
             allow_gids: Vec::new(),
             max_connections: 128,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -125,7 +129,12 @@ pub fn accept_stream(
                         drop(stream);
                         continue;
                     }
-                    let conn = AuthorityShim::new(stream, policy.handshake_timeout, slot);
+                    let conn = AuthorityShim::new(
+                        stream,
+                        policy.handshake_timeout,
+                        policy.idle_timeout,
+                        slot,
+                    );
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }

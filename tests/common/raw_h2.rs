@@ -59,7 +59,17 @@ impl RawCall {
     }
 
     /// Sends the request message, ends the stream, and reads the reply.
-    pub fn finish(mut self, message: &[u8]) -> RawReply {
+    pub fn finish(self, message: &[u8]) -> RawReply {
+        self.finish_keep(message).0
+    }
+
+    /// As [`finish`](Self::finish), keeping the connection for further observation.
+    pub fn finish_keep(mut self, message: &[u8]) -> (RawReply, UnixStream) {
+        let reply = self.exchange(message);
+        (reply, self.stream)
+    }
+
+    fn exchange(&mut self, message: &[u8]) -> RawReply {
         let s = &mut self.stream;
         let mut grpc = vec![0u8];
         grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
