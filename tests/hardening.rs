@@ -774,3 +774,40 @@ async fn sigkill_mid_load_leaves_a_loadable_keystore_and_a_removable_socket() {
 
 #[allow(dead_code)]
 fn _unused(_: Command) {}
+
+#[test]
+fn socket_mode_and_group_are_applied() {
+    use std::os::unix::fs::MetadataExt;
+    let ws = Workspace::new();
+    let gid = rustix::process::getegid().as_raw().to_string();
+    let server = ws.serve_with(&["--socket-mode", "0660", "--socket-group", &gid]);
+    let meta = std::fs::metadata(&ws.socket).expect("socket");
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid().to_string(), gid);
+    drop(server);
+    if is_root() {
+        // A group other than the server's own, by name.
+        let ws = Workspace::new();
+        let server = ws.serve_with(&["--socket-mode", "0660", "--socket-group", "nogroup"]);
+        let meta = std::fs::metadata(&ws.socket).expect("socket");
+        assert_eq!(meta.gid(), 65534, "nogroup is gid 65534 on Debian");
+        drop(server);
+    }
+    let out = localkms(&[
+        "serve",
+        "--socket",
+        "/tmp/x.sock",
+        "--keystore",
+        "k",
+        "--root-key-file",
+        "r",
+        "--socket-group",
+        "no-such-group-anywhere",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no group named"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
