@@ -363,6 +363,21 @@ fn put_frame_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream_
     out.put_u32(stream_id & 0x7fff_ffff);
 }
 
+/// Shared by the accept loop and one connection while it has not completed its HTTP/2
+/// handshake: lets the accept loop evict the oldest such connection when every connection
+/// slot is taken, so idle connections cannot starve a client that speaks at once.
+#[derive(Default)]
+pub struct HandshakeTicket {
+    /// The preface has arrived: no longer evictable.
+    pub done: std::sync::atomic::AtomicBool,
+    /// The connection is gone.
+    pub closed: std::sync::atomic::AtomicBool,
+    /// Notified to evict.
+    pub evict: std::sync::Arc<tokio::sync::Notify>,
+}
+
+type Eviction = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// A connection whose client-to-server bytes go through a [`Rewriter`].
 pub struct AuthorityShim<S> {
     inner: S,
@@ -379,6 +394,8 @@ pub struct AuthorityShim<S> {
     handshaken: bool,
     /// The connection slot this connection occupies; freed when it closes.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Until the handshake completes: the accept loop's handle, and its eviction signal.
+    ticket: Option<(std::sync::Arc<HandshakeTicket>, Eviction)>,
 }
 
 impl<S> AuthorityShim<S> {
@@ -390,8 +407,11 @@ impl<S> AuthorityShim<S> {
         handshake_timeout: std::time::Duration,
         idle_timeout: std::time::Duration,
         slot: tokio::sync::OwnedSemaphorePermit,
+        ticket: std::sync::Arc<HandshakeTicket>,
     ) -> Self {
+        let evict: Eviction = Box::pin(std::sync::Arc::clone(&ticket.evict).notified_owned());
         AuthorityShim {
+            ticket: Some((ticket, evict)),
             inner,
             rewriter: Rewriter::new(),
             eof: false,
@@ -414,12 +434,23 @@ impl<S> AuthorityShim<S> {
             seen_requests: 0,
             handshaken: false,
             _slot: None,
+            ticket: None,
         }
     }
 
     /// The wrapped connection.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+}
+
+impl<S> Drop for AuthorityShim<S> {
+    fn drop(&mut self) {
+        if let Some((ticket, _)) = &self.ticket {
+            ticket
+                .closed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -430,6 +461,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some((ticket, evict)) = this.ticket.as_mut() {
+            if this.rewriter.stage != Stage::Preface {
+                ticket
+                    .done
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                this.ticket = None;
+            } else if evict.as_mut().poll(cx).is_ready() {
+                tracing::debug!(
+                    "evicting a connection still in its handshake: every connection slot is taken"
+                );
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "evicted: all connection slots taken and this connection had not sent its HTTP/2 preface",
+                )));
+            }
+        }
         if let Some(deadline) = this.deadline.as_mut() {
             let requests = this.rewriter.requests();
             let handshaken = this.rewriter.stage != Stage::Preface;

@@ -1,5 +1,7 @@
 //! The accept loop: every connection is wrapped in the `:authority` shim before tonic sees it.
 
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +10,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use super::authority::AuthorityShim;
+use super::authority::{AuthorityShim, HandshakeTicket};
 
 /// Who is on the other end of a connection, from SO_PEERCRED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,13 +98,27 @@ pub fn accept_stream(
     let (tx, rx) = mpsc::channel(16);
     let slots = Arc::new(Semaphore::new(policy.max_connections.max(1)));
     tokio::spawn(async move {
+        let mut handshaking: VecDeque<Arc<HandshakeTicket>> = VecDeque::new();
         loop {
-            let slot = tokio::select! {
-                _ = tx.closed() => return,
-                slot = Arc::clone(&slots).acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => return,
-                },
+            let slot = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    // Every slot is taken: make room by evicting the oldest connection that
+                    // has not even sent its HTTP/2 preface, then wait for a slot to free up.
+                    handshaking.retain(|t| {
+                        !t.done.load(Ordering::Relaxed) && !t.closed.load(Ordering::Relaxed)
+                    });
+                    if let Some(oldest) = handshaking.pop_front() {
+                        oldest.evict.notify_one();
+                    }
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        slot = Arc::clone(&slots).acquire_owned() => match slot {
+                            Ok(slot) => slot,
+                            Err(_) => return,
+                        },
+                    }
+                }
             };
             let accepted = tokio::select! {
                 _ = tx.closed() => return,
@@ -129,11 +145,19 @@ pub fn accept_stream(
                         drop(stream);
                         continue;
                     }
+                    let ticket = Arc::new(HandshakeTicket::default());
+                    if handshaking.len() >= 2 * policy.max_connections {
+                        handshaking.retain(|t| {
+                            !t.done.load(Ordering::Relaxed) && !t.closed.load(Ordering::Relaxed)
+                        });
+                    }
+                    handshaking.push_back(Arc::clone(&ticket));
                     let conn = AuthorityShim::new(
                         stream,
                         policy.handshake_timeout,
                         policy.idle_timeout,
                         slot,
+                        ticket,
                     );
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
