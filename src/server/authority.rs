@@ -366,14 +366,34 @@ fn put_frame_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream_
 /// Shared by the accept loop and one connection while it has not completed its HTTP/2
 /// handshake: lets the accept loop evict the oldest such connection when every connection
 /// slot is taken, so idle connections cannot starve a client that speaks at once.
-#[derive(Default)]
 pub struct HandshakeTicket {
+    /// When the connection was accepted: younger ones are not evicted, as the server may not
+    /// have read a preface the client already sent.
+    pub accepted: std::time::Instant,
     /// The preface has arrived: no longer evictable.
     pub done: std::sync::atomic::AtomicBool,
     /// The connection is gone.
     pub closed: std::sync::atomic::AtomicBool,
     /// Notified to evict.
     pub evict: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl HandshakeTicket {
+    /// A ticket for a connection accepted now.
+    pub fn new() -> Self {
+        HandshakeTicket {
+            accepted: std::time::Instant::now(),
+            done: Default::default(),
+            closed: Default::default(),
+            evict: Default::default(),
+        }
+    }
+}
+
+impl Default for HandshakeTicket {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 type Eviction = Pin<Box<dyn Future<Output = ()> + Send>>;

@@ -12,6 +12,10 @@ use tonic::transport::server::Connected;
 
 use super::authority::{AuthorityShim, HandshakeTicket};
 
+/// How long a new connection has to get its HTTP/2 preface read before it may be evicted to
+/// make room for another.
+const EVICTION_GRACE: Duration = Duration::from_millis(100);
+
 /// Who is on the other end of a connection, from SO_PEERCRED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -100,24 +104,31 @@ pub fn accept_stream(
     tokio::spawn(async move {
         let mut handshaking: VecDeque<Arc<HandshakeTicket>> = VecDeque::new();
         loop {
-            let slot = match Arc::clone(&slots).try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    // Every slot is taken: make room by evicting the oldest connection that
-                    // has not even sent its HTTP/2 preface, then wait for a slot to free up.
-                    handshaking.retain(|t| {
-                        !t.done.load(Ordering::Relaxed) && !t.closed.load(Ordering::Relaxed)
-                    });
-                    if let Some(oldest) = handshaking.pop_front() {
-                        oldest.evict.notify_one();
+            let slot = loop {
+                if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+                    break slot;
+                }
+                // Every slot is taken: make room by evicting the oldest connection that has
+                // not sent its HTTP/2 preface in EVICTION_GRACE, then wait for a slot to free
+                // up (or for the next candidate to come of age).
+                handshaking.retain(|t| {
+                    !t.done.load(Ordering::Relaxed) && !t.closed.load(Ordering::Relaxed)
+                });
+                if let Some(pos) = handshaking
+                    .iter()
+                    .position(|t| t.accepted.elapsed() >= EVICTION_GRACE)
+                {
+                    if let Some(victim) = handshaking.remove(pos) {
+                        victim.evict.notify_one();
                     }
-                    tokio::select! {
-                        _ = tx.closed() => return,
-                        slot = Arc::clone(&slots).acquire_owned() => match slot {
-                            Ok(slot) => slot,
-                            Err(_) => return,
-                        },
-                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    slot = Arc::clone(&slots).acquire_owned() => match slot {
+                        Ok(slot) => break slot,
+                        Err(_) => return,
+                    },
+                    _ = tokio::time::sleep(EVICTION_GRACE) => {}
                 }
             };
             let accepted = tokio::select! {
@@ -145,7 +156,7 @@ pub fn accept_stream(
                         drop(stream);
                         continue;
                     }
-                    let ticket = Arc::new(HandshakeTicket::default());
+                    let ticket = Arc::new(HandshakeTicket::new());
                     if handshaking.len() >= 2 * policy.max_connections {
                         handshaking.retain(|t| {
                             !t.done.load(Ordering::Relaxed) && !t.closed.load(Ordering::Relaxed)
