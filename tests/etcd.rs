@@ -218,6 +218,15 @@ impl Node {
     }
 }
 
+/// A one-member etcd with a keystore initialised under `prefix`, and a node to drive it.
+fn initialised(prefix: &str) -> (Etcd, String, Node) {
+    let etcd = Etcd::start(1);
+    let url = etcd.url(prefix);
+    let node = Node::new();
+    ok(&node.run(&url, &["init"]));
+    (etcd, url, node)
+}
+
 fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -282,10 +291,7 @@ async fn three_servers_share_one_keystore_and_rotate_without_a_failed_decrypt() 
     if !etcd_available() {
         return;
     }
-    let etcd = Etcd::start(1);
-    let url = etcd.url("cluster-a");
-    let node = Node::new();
-    ok(&node.run(&url, &["init"]));
+    let (_etcd, url, node) = initialised("cluster-a");
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let servers = [
@@ -385,10 +391,7 @@ fn concurrent_mutations_are_retried_never_lost() {
     if !etcd_available() {
         return;
     }
-    let etcd = Etcd::start(1);
-    let url = etcd.url("cas");
-    let node = Node::new();
-    ok(&node.run(&url, &["init"]));
+    let (_etcd, url, node) = initialised("cas");
     let writers: Vec<_> = (0..8)
         .map(|_| {
             let mut cmd = Command::new(bin());
@@ -493,10 +496,7 @@ fn a_vanished_node_stops_blocking_convergence_once_its_lease_expires() {
     if !etcd_available() {
         return;
     }
-    let etcd = Etcd::start(1);
-    let url = etcd.url("lease");
-    let node = Node::new();
-    ok(&node.run(&url, &["init"]));
+    let (_etcd, url, node) = initialised("lease");
     let _a = node.serve(&url, "a", &["--node-ttl", "2s"]);
     let mut b = node.serve(&url, "b", &["--node-ttl", "2s"]);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -810,10 +810,7 @@ fn every_keys_command_and_root_key_rotation_work_on_etcd() {
     if !etcd_available() {
         return;
     }
-    let etcd = Etcd::start(1);
-    let url = etcd.url("lifecycle");
-    let node = Node::new();
-    ok(&node.run(&url, &["init"]));
+    let (_etcd, url, node) = initialised("lifecycle");
     let first = ok(&node.run(&url, &["keystore", "verify"]))
         .lines()
         .find_map(|l| {

@@ -209,7 +209,7 @@ fn bench_reports_json_and_counts_errors() {
     let server = ws.serve();
     let ep = server.endpoint();
     for op in ["encrypt", "decrypt", "status", "mixed"] {
-        let out = localkms(&[
+        let v = common::localkms_json(&[
             "bench",
             "--socket",
             &ep,
@@ -223,12 +223,6 @@ fn bench_reports_json_and_counts_errors() {
             "2",
             "--json",
         ]);
-        assert!(
-            out.status.success(),
-            "{op}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         let requests = v["requests"].as_u64().expect("requests");
         assert_eq!(requests, if op == "mixed" { 400 } else { 200 }, "{op}: {v}");
         assert_eq!(v["errors"], serde_json::json!({}), "{op}");
@@ -255,7 +249,7 @@ fn bench_reports_json_and_counts_errors() {
     assert_eq!(v["requests"], 100);
 
     // Every Encrypt of a 2000-byte plaintext fails: bench counts, it does not fail.
-    let out = localkms(&[
+    let v = common::localkms_json(&[
         "bench",
         "--socket",
         &ep,
@@ -265,12 +259,6 @@ fn bench_reports_json_and_counts_errors() {
         "30",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["errors"]["InvalidArgument"], 30, "{v}");
     let out = localkms(&[
         "bench",

@@ -341,3 +341,14 @@ pub fn free_port() -> u16 {
         .expect("addr")
         .port()
 }
+
+/// Runs `localkms ARGS`, which must succeed, and parses its stdout as JSON.
+pub fn localkms_json(args: &[&str]) -> serde_json::Value {
+    let out = localkms(args);
+    assert!(
+        out.status.success(),
+        "localkms {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
