@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 
 use crate::etcd::{EtcdError, EtcdTls};
 use crate::keystore::{
-    Actor, HistoryEntry, KeyState, Keystore, KeystoreError, KeystoreLocation, RootKeyError,
-    RootKeyProvider, RootKeySource, Store,
+    Actor, DestroyEvidence, DestroyGuard, HistoryEntry, KeyState, Keystore, KeystoreError,
+    KeystoreLocation, RootKeyError, RootKeyProvider, RootKeySource, Store,
 };
 use crate::nodes;
 use crate::timefmt::rfc3339;
@@ -175,6 +175,9 @@ pub struct Printed {
     pub stdout: String,
     /// Hints and explanations.
     pub stderr: String,
+    /// For a command that changed something: one line saying what was committed, written to
+    /// stderr before anything else so the change is on record even if stdout then fails.
+    pub committed: Option<String>,
 }
 
 impl Printed {
@@ -182,7 +185,13 @@ impl Printed {
         Printed {
             stdout: stdout.into(),
             stderr: String::new(),
+            committed: None,
         }
+    }
+
+    fn committed(mut self, what: impl Into<String>) -> Self {
+        self.committed = Some(what.into());
+        self
     }
 
     fn with_note(mut self, stderr: impl Into<String>) -> Self {
@@ -206,6 +215,14 @@ pub enum AdminError {
     /// The usage file is unreadable.
     #[error(transparent)]
     Usage(#[from] UsageError),
+    /// Destroy needs readable usage evidence.
+    #[error("destroy refused: the decrypt usage record for {id} cannot be read ({reason}), so nothing shows the key is unused. Fix or move aside the usage file (a running server moves a corrupt one aside and counts afresh), or pass --force if you are sure nothing is sealed under it. `localkms keys disable {id}` is the reversible first step")]
+    UsageUnreadable {
+        /// The key.
+        id: String,
+        /// Why the usage cannot be read.
+        reason: String,
+    },
     /// The command needs an etcd keystore.
     #[error("{0} needs an etcd keystore (--keystore etcd://HOST:PORT/PREFIX)")]
     NeedsEtcd(&'static str),
@@ -263,16 +280,22 @@ pub async fn init(
     tls: &EtcdTls,
 ) -> Result<Printed, AdminError> {
     let store = Store::open(location, tls)?;
+    let mut out = String::new();
     if let Store::File(p) = &store {
         if p.exists() {
             return Err(KeystoreError::AlreadyExists(p.clone()).into());
+        }
+        create_parent(p, &mut out)?;
+    }
+    if let RootKeySource::KeyFile(key) = source {
+        if !key.exists() {
+            create_parent(key, &mut out)?;
         }
     }
     let (root, created) = RootKeyProvider::open_or_create(source)?;
     let ks = Keystore::new_with_primary(now(), root.new_kdf()?, &Actor::current())
         .map_err(KeystoreError::from)?;
     store.create(&root, &ks).await?;
-    let mut out = String::new();
     if created {
         let _ = writeln!(
             out,
@@ -282,7 +305,26 @@ pub async fn init(
     }
     let id = ks.primary().map(|r| r.id.to_string()).unwrap_or_default();
     let _ = writeln!(out, "created keystore {location} with primary key {id}");
-    Ok(Printed::out(out))
+    Ok(Printed::out(out).committed(format!("created keystore {location} (primary {id})")))
+}
+
+/// Creates the missing directories above `file` with mode 0700 (they will hold key material),
+/// saying so in `out`.
+fn create_parent(file: &Path, out: &mut String) -> Result<(), KeystoreError> {
+    let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.exists() {
+        return Ok(());
+    }
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(|source| KeystoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    let _ = writeln!(out, "created directory {} (mode 0700)", dir.display());
+    Ok(())
 }
 
 /// `keys list`.
@@ -332,17 +374,21 @@ pub async fn keys_rotate(
                 Store::File(_) => format!("staged {id} in {}: it decrypts but does not encrypt. Copy the keystore to every node, check each with `localkms keystore verify`, then `localkms keys promote {id}`.", name.display()),
                 Store::Etcd(_) => format!("staged {id} in {}: it decrypts but does not encrypt. `localkms nodes` shows when every node has it; then `localkms keys promote {id}`.", name.display()),
             };
-            Ok(Printed::out(format!("{id}\n")).with_note(hint))
+            Ok(Printed::out(format!("{id}\n"))
+                .with_note(hint)
+                .committed(format!("staged {id} in {}", name.display())))
         }
         (Store::File(_), false) => {
             let id = o
                 .store
                 .update(&o.root, |ks| Ok(ks.rotate(now(), &actor)?))
                 .await?;
-            Ok(Printed::out(format!("{id}\n")).with_note(format!(
-                "rotated: {id} is now primary in {}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds.",
-                name.display()
-            )))
+            Ok(Printed::out(format!("{id}\n"))
+                .with_note(format!(
+                    "rotated: {id} is now primary in {}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds.",
+                    name.display()
+                ))
+                .committed(format!("rotated {}: new primary {id}", name.display())))
         }
         (Store::Etcd(etcd), false) => {
             let id = o
@@ -368,44 +414,86 @@ pub async fn keys_rotate(
             o.store
                 .update(&o.root, |ks| Ok(ks.promote(id.as_str(), now(), &actor)?))
                 .await?;
-            Ok(Printed::out(format!("{id}\n")).with_note(format!(
-                "rotated: every live node loaded {id} before it was promoted; it is now primary in {}",
-                name.display()
-            )))
+            Ok(Printed::out(format!("{id}\n"))
+                .with_note(format!(
+                    "rotated: every live node loaded {id} before it was promoted; it is now primary in {}",
+                    name.display()
+                ))
+                .committed(format!("rotated {}: new primary {id}", name.display())))
         }
     }
 }
 
+/// A change to one KEK's state, as the `keys` subcommands name it.
+#[derive(Clone, Debug)]
+pub enum KeyChange {
+    /// `keys promote`.
+    Promote,
+    /// `keys disable`: reversible.
+    Disable,
+    /// `keys enable`.
+    Enable,
+    /// `keys destroy`: irreversible; `force` skips the evidence checks (not the primary rule).
+    Destroy {
+        /// `--force`.
+        force: bool,
+        /// `--min-retired-age`.
+        min_retired_age: Duration,
+    },
+}
+
 /// `keys promote|disable|enable|destroy`.
-pub async fn keys_change(
-    o: &Opened,
-    verb: &str,
-    id: &str,
-    force: bool,
-) -> Result<Printed, AdminError> {
+pub async fn keys_change(o: &Opened, change: &KeyChange, id: &str) -> Result<Printed, AdminError> {
     let actor = Actor::current();
-    let last = if verb == "destroy" {
-        o.usage().await?.keys.get(id).map(|u| u.last_decrypt_unix)
-    } else {
-        None
+    let guard = match change {
+        KeyChange::Destroy { force: true, .. } => Some(DestroyGuard::Force),
+        KeyChange::Destroy {
+            force: false,
+            min_retired_age,
+        } => {
+            // No readable usage, no destroy: the refusal says so rather than counting zero.
+            let usage = o.usage().await.map_err(|e| AdminError::UsageUnreadable {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })?;
+            Some(DestroyGuard::Evidence(DestroyEvidence {
+                min_retired_age: *min_retired_age,
+                usage_counted_since: usage.counting_since_unix,
+                last_decrypt_at: usage.keys.get(id).map(|u| u.last_decrypt_unix),
+            }))
+        }
+        _ => None,
     };
     o.store
         .update(&o.root, |ks| {
-            match verb {
-                "promote" => ks.promote(id, now(), &actor)?,
-                "disable" => ks.disable(id, now(), &actor)?,
-                "enable" => ks.enable(id, now(), &actor)?,
-                _ => ks.destroy(id, now(), &actor, last, force)?,
+            match (change, &guard) {
+                (KeyChange::Promote, _) => ks.promote(id, now(), &actor)?,
+                (KeyChange::Disable, _) => ks.disable(id, now(), &actor)?,
+                (KeyChange::Enable, _) => ks.enable(id, now(), &actor)?,
+                (KeyChange::Destroy { .. }, Some(guard)) => ks.destroy(id, now(), &actor, guard)?,
+                (KeyChange::Destroy { .. }, None) => {
+                    ks.destroy(id, now(), &actor, &DestroyGuard::Force)?
+                }
             }
             Ok(())
         })
         .await?;
-    Ok(Printed::out(match verb {
-        "promote" => format!("promoted {id} to primary; the previous primary is retired and still decrypts\n"),
-        "disable" => format!("disabled {id}: decrypts under it now fail with FailedPrecondition; `localkms keys enable {id}` undoes this\n"),
-        "enable" => format!("enabled {id}\n"),
-        _ => format!("destroyed {id}: its material is wiped; a tombstone keeps the id so errors can say what happened\n"),
-    }))
+    let (out, committed) = match change {
+        KeyChange::Promote => (
+            format!("promoted {id} to primary; the previous primary is retired and still decrypts\n"),
+            format!("promoted {id}"),
+        ),
+        KeyChange::Disable => (
+            format!("disabled {id}: decrypts under it now fail with FailedPrecondition. This is reversible: `localkms keys enable {id}` undoes it. Watch for decrypt errors before any `keys destroy`\n"),
+            format!("disabled {id}"),
+        ),
+        KeyChange::Enable => (format!("enabled {id}\n"), format!("enabled {id}")),
+        KeyChange::Destroy { .. } => (
+            format!("destroyed {id}: its material is gone from the current keystore; a tombstone keeps the id so errors can say what happened. Older copies (backups beside the keystore, etcd history, other nodes' caches) may still hold it\n"),
+            format!("destroyed {id}"),
+        ),
+    };
+    Ok(Printed::out(out).committed(committed))
 }
 
 /// `root-key rotate`.
@@ -433,7 +521,11 @@ pub async fn root_key_rotate(
         o.store.name().display(),
         new_source.path().display()
     );
-    Ok(Printed::out(out))
+    Ok(Printed::out(out).committed(format!(
+        "re-sealed {} under {}",
+        o.store.name().display(),
+        new_source.path().display()
+    )))
 }
 
 /// `keystore copy`: the sealed bytes, unchanged, after checking they open with the root key.
@@ -453,7 +545,8 @@ pub async fn keystore_copy(
         "copied {from} to {to}: generation {}, {} keys, unchanged\n",
         ks.generation(),
         ks.records().len()
-    )))
+    ))
+    .committed(format!("copied {from} to {to}")))
 }
 
 /// One node in `localkms nodes`.

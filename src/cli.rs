@@ -11,7 +11,7 @@ use crate::telemetry::LogFormat;
 
 /// localkms: a Kubernetes KMS v2 plugin with locally managed, rotatable key-encryption keys.
 #[derive(Debug, Parser)]
-#[command(name = "localkms", version, about, long_about = None)]
+#[command(name = "localkms", version = crate::VERSION_LONG, about, long_about = None)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -24,7 +24,8 @@ pub struct Cli {
         long,
         global = true,
         env = "LOCALKMS_LOG_LEVEL",
-        default_value = "info"
+        default_value = "info",
+        value_parser = parse_log_level
     )]
     pub log_level: String,
 }
@@ -79,9 +80,9 @@ pub enum Command {
         /// The plugin's socket.
         #[command(flatten)]
         socket: SocketArgs,
-        /// Give up after this many seconds.
-        #[arg(long, env = "LOCALKMS_TIMEOUT", default_value_t = 5)]
-        timeout: u64,
+        /// Give up after this long (`5s`, `500ms`; a bare number is seconds).
+        #[arg(long, env = "LOCALKMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -136,15 +137,21 @@ pub enum KeysCommand {
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
-    /// Wipe a KEK's material, keeping a tombstone. Refuses the primary, and a KEK that
-    /// decrypted anything in the last 7 days unless --force.
+    /// Wipe a KEK's material, keeping a tombstone. Irreversible: `keys disable` is the
+    /// reversible first step. Refuses the primary always; without --force, also refuses a KEK
+    /// that was primary or staged within --min-retired-age, decrypted within it, or whose
+    /// usage was not counted over all of it.
     Destroy {
         /// The KEK.
         id: String,
         /// The keystore.
         #[command(flatten)]
         keystore: KeystoreArgs,
-        /// Destroy even if the KEK decrypted data recently.
+        /// How long the KEK must have been out of service (not primary, not staged) with no
+        /// recorded decrypt.
+        #[arg(long, env = "LOCALKMS_MIN_RETIRED_AGE", default_value = "7d", value_parser = parse_duration)]
+        min_retired_age: Duration,
+        /// Destroy without the evidence checks (the primary is still refused).
         #[arg(long)]
         force: bool,
     },
@@ -316,8 +323,9 @@ pub struct ServeArgs {
     /// Version string Status reports: `v2` (Kubernetes 1.29+) or `v2beta1` (1.27–1.28).
     #[arg(long, env = "LOCALKMS_STATUS_VERSION", value_enum, default_value_t = StatusVersionArg::V2)]
     pub status_version: StatusVersionArg,
-    /// Rotate automatically when the primary is older than this (e.g. `90d`, `12h`, `30s`).
-    /// Single-node clusters only: other nodes would not hold the new key.
+    /// Rotate automatically when the primary is older than this (e.g. `90d`, `12h`). A failed
+    /// attempt is retried every 30 s, or every --rotate-after if shorter. Single-node clusters
+    /// only: other nodes would not hold the new key.
     #[arg(long, env = "LOCALKMS_ROTATE_AFTER", value_parser = parse_duration)]
     pub rotate_after: Option<Duration>,
     /// Serve only peers with this uid (SO_PEERCRED; repeatable, or comma-separated).
@@ -326,19 +334,29 @@ pub struct ServeArgs {
     /// Serve only peers with this gid (repeatable, or comma-separated).
     #[arg(long, env = "LOCALKMS_ALLOW_GID", value_delimiter = ',')]
     pub allow_gid: Vec<u32>,
-    /// Socket file mode, in octal.
+    /// Socket file mode, in octal. A mode that lets other users write (`0666`, `0777`) is
+    /// refused without --allow-uid/--allow-gid, unless --allow-world.
     #[arg(long, env = "LOCALKMS_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Allow a socket every local user can connect to (world-writable --socket-mode, or an
+    /// abstract socket) with no --allow-uid/--allow-gid list.
+    #[arg(long, env = "LOCALKMS_ALLOW_WORLD", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_world: bool,
     /// Group (name or gid) to own the socket file, e.g. with --socket-mode 0660 for an
     /// apiserver running as a non-root user.
     #[arg(long, env = "LOCALKMS_SOCKET_GROUP")]
     pub socket_group: Option<String>,
-    /// Connections open at once; more clients wait in the socket backlog.
-    #[arg(long, env = "LOCALKMS_MAX_CONNECTIONS", default_value_t = 128)]
+    /// Connections open at once; at the cap the oldest idle connection is closed to make
+    /// room, and other clients wait in the socket backlog.
+    #[arg(long, env = "LOCALKMS_MAX_CONNECTIONS", default_value = "128", value_parser = parse_positive)]
     pub max_connections: usize,
     /// Requests in flight at once; beyond it requests get ResourceExhausted.
-    #[arg(long, env = "LOCALKMS_MAX_IN_FLIGHT", default_value_t = 1024)]
+    #[arg(long, env = "LOCALKMS_MAX_IN_FLIGHT", default_value = "1024", value_parser = parse_positive)]
     pub max_in_flight: usize,
+    /// The largest fraction of --max-in-flight one peer (uid) may hold, so one greedy client
+    /// cannot starve the rest (`1` turns the share off).
+    #[arg(long, env = "LOCALKMS_MAX_IN_FLIGHT_SHARE", default_value = "0.5", value_parser = parse_share)]
+    pub max_in_flight_share: f64,
     /// Longest a request may take.
     #[arg(long, env = "LOCALKMS_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -350,10 +368,10 @@ pub struct ServeArgs {
     pub idle_timeout: Duration,
     /// Serve /metrics, /healthz, /readyz and /livez on this address (loopback only unless
     /// --metrics-allow-non-loopback). Off unless set.
-    #[arg(long, env = "LOCALKMS_METRICS_ADDR")]
+    #[arg(long, env = "LOCALKMS_METRICS_ADDR", value_parser = parse_socket_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Allow --metrics-addr on a non-loopback address.
-    #[arg(long, env = "LOCALKMS_METRICS_ALLOW_NON_LOOPBACK")]
+    #[arg(long, env = "LOCALKMS_METRICS_ALLOW_NON_LOOPBACK", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub metrics_allow_non_loopback: bool,
     /// Do NOT refuse a keystore that other users can read or that another user owns. For
     /// unusual setups only; the check exists because the keystore holds every KEK.
@@ -378,10 +396,10 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BenchOp::Encrypt)]
     pub op: BenchOp,
     /// Concurrent requests.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value = "1", value_parser = parse_positive)]
     pub concurrency: usize,
     /// Connections (the concurrent requests share them round-robin).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value = "1", value_parser = parse_positive)]
     pub connections: usize,
     /// Run for this long (default 10s unless --requests is given).
     #[arg(long, value_parser = parse_duration, conflicts_with = "requests")]
@@ -449,13 +467,58 @@ pub fn resolve_group(name: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("no group named {name:?} in /etc/group; pass a numeric gid"))
 }
 
-/// Parses `90d`, `12h`, `30s`, `1h30m`; at least one second.
+/// Parses the one duration syntax every flag uses: `90d`, `12h`, `5m`, `30s`, `500ms`,
+/// `1h30m`, or a bare number of seconds. Zero is refused: no flag means "no time at all".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 90d, 12h, 30s)"))?;
-    if d < Duration::from_secs(1) {
-        return Err("must be at least 1s".to_owned());
+    let d = match s.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{e} (use e.g. 90d, 12h, 5m, 30s, 500ms)"))?,
+    };
+    if d.is_zero() {
+        return Err("must be longer than zero".to_owned());
     }
     Ok(d)
+}
+
+/// A count that must be at least one (a limit of zero would refuse everything).
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// A fraction in (0, 1].
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!(
+            "{s:?} is not a fraction between 0 (excluded) and 1"
+        )),
+    }
+}
+
+/// `HOST:PORT`, resolving a name such as `localhost` (the first address wins).
+pub fn parse_socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT or does not resolve: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// `--log-level`: a level or a filter, checked before anything logs.
+pub fn parse_log_level(s: &str) -> Result<String, String> {
+    crate::telemetry::log_directives(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// `--status-version` values.
@@ -533,8 +596,72 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("0").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn flags_refuse_nonsense_and_accept_the_documented_forms() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("localkms").chain(args.iter().copied()))
+        };
+        assert!(parse(&["check", "--socket", "x", "--timeout", "2s"]).is_ok());
+        assert!(parse(&["bench", "--socket", "x", "--duration", "1s"]).is_ok());
+        let serve = [
+            "serve",
+            "--socket",
+            "x",
+            "--keystore",
+            "k",
+            "--root-key-file",
+            "r",
+        ];
+        for bad in [
+            &["--max-in-flight", "0"][..],
+            &["--max-connections", "0"],
+            &["--max-in-flight-share", "0"],
+            &["--rotate-after", "0s"],
+            &["--log-level", "bogus"],
+        ] {
+            let args: Vec<&str> = serve.iter().chain(bad).copied().collect();
+            let err = parse(&args).expect_err("refused");
+            assert!(err.to_string().contains(bad[0]), "{err}");
+        }
+        assert!(parse(&["bench", "--socket", "x", "--concurrency", "0"]).is_err());
+        let args: Vec<&str> = serve
+            .iter()
+            .chain(&["--metrics-addr", "localhost:9464"])
+            .copied()
+            .collect();
+        match parse(&args).expect("localhost resolves").command {
+            Command::Serve(a) => {
+                let addr = a.metrics_addr.expect("addr");
+                assert!(addr.ip().is_loopback() && addr.port() == 9464, "{addr}");
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        for (value, expect) in [
+            ("yes", true),
+            ("1", true),
+            ("no", false),
+            ("0", false),
+            ("true", true),
+            ("false", false),
+        ] {
+            let args: Vec<&str> = serve
+                .iter()
+                .chain(&["--metrics-allow-non-loopback", value])
+                .copied()
+                .collect();
+            match parse(&args).expect("boolish").command {
+                Command::Serve(a) => assert_eq!(a.metrics_allow_non_loopback, expect, "{value}"),
+                other => panic!("parsed as {other:?}"),
+            }
+        }
     }
 
     #[test]

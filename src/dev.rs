@@ -60,7 +60,7 @@ pub fn prepare(dir: &Path) -> Result<DevSetup, KeystoreError> {
     })
 }
 
-/// The loud warning and the EncryptionConfiguration to paste, printed at dev start-up.
+/// The loud warning printed to stderr at dev start-up.
 pub fn banner(setup: &DevSetup) -> String {
     format!(
         r#"
@@ -72,26 +72,33 @@ pub fn banner(setup: &DevSetup) -> String {
 ################################################################################
 {state} keystore: {keystore}
 root key file:    {root}
+The EncryptionConfiguration for kube-apiserver (--encryption-provider-config) is printed on
+stdout: `localkms serve --dev > encryption-config.yaml` saves it.
 
-EncryptionConfiguration for kube-apiserver (--encryption-provider-config):
-
-apiVersion: apiserver.config.k8s.io/v1
-kind: EncryptionConfiguration
-resources:
-  - resources: [secrets]
-    providers:
-      - kms:
-          apiVersion: v2
-          name: localkms
-          endpoint: unix://{socket}
-          timeout: 3s
-      - identity: {{}}
 "#,
         dir = setup.dir.display(),
         state = if setup.created { "created" } else { "reusing" },
         keystore = setup.keystore.display(),
         root = setup.root_key_file.display(),
-        socket = setup.socket.display(),
+    )
+}
+
+/// The EncryptionConfiguration that points kube-apiserver at `endpoint` (a `unix://` URI),
+/// printed to stdout at dev start-up.
+pub fn encryption_config(endpoint: &str) -> String {
+    format!(
+        r#"apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets, configmaps]
+    providers:
+      - kms:
+          apiVersion: v2
+          name: localkms
+          endpoint: {endpoint}
+          timeout: 3s
+      - identity: {{}}
+"#
     )
 }
 
@@ -121,6 +128,8 @@ mod tests {
         assert_eq!(again.primary().expect("primary").id, id);
         let text = banner(&second);
         assert!(text.contains("NOT FOR PRODUCTION"));
-        assert!(text.contains(&format!("endpoint: unix://{}", second.socket.display())));
+        let config = encryption_config("unix:///tmp/x.sock");
+        assert!(config.contains("endpoint: unix:///tmp/x.sock"), "{config}");
+        assert!(config.contains("[secrets, configmaps]"), "{config}");
     }
 }

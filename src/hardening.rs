@@ -29,6 +29,27 @@ pub fn harden_process() -> Hardening {
     }
 }
 
+/// Makes sure file descriptors 0, 1 and 2 are open, pointing a closed one at `/dev/null`.
+/// Started with stderr closed (`2>&-`), the process would otherwise hand fd 2 to the first
+/// file or socket it opens, and every log line would be written into it.
+pub fn ensure_std_fds() {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    // open() returns the lowest free descriptor: each /dev/null opened below 3 fills a hole
+    // and is kept open for good; the first one at 3 or above means there are no holes.
+    for _ in 0..3 {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            Ok(f) if f.as_raw_fd() <= 2 => {
+                let _ = f.into_raw_fd();
+            }
+            _ => break,
+        }
+    }
+}
+
 /// Logs what hardening could not be applied.
 pub fn report(h: &Hardening) {
     if !h.core_dumps_off {

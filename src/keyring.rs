@@ -331,8 +331,7 @@ mod tests {
                 old.as_str(),
                 OffsetDateTime::now_utc(),
                 &actor(),
-                None,
-                true,
+                &crate::keystore::DestroyGuard::Force,
             )
             .expect("destroy");
         let ring = Keyring::from_keystore(destroyed, usage);

@@ -7,8 +7,20 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+/// What `localkms --version` prints: the crate version, the git commit it was built from and
+/// the build date, so the binary on a node can be traced to its source.
+pub const VERSION_LONG: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LOCALKMS_GIT_COMMIT"),
+    ", built ",
+    env!("LOCALKMS_BUILD_DATE"),
+    ")"
+);
+
 pub mod admin;
 pub mod cli;
+pub mod cli_output;
 pub mod client;
 pub mod crypto;
 pub mod dev;

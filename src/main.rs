@@ -1,28 +1,42 @@
 //! The `localkms` command: parse the CLI, start logging, dispatch, map errors to exit codes.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
+use localkms::admin::KeyChange;
 use localkms::cli::{
     Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RootArgs, RootKeyCommand, ServeArgs,
 };
+use localkms::cli_output::{self, OutputError, EXIT_COMMITTED_OUTPUT_FAILED};
 use localkms::keystore::{KeystoreLocation, RootKeySource};
 use localkms::server::{self, ServeConfig};
-use localkms::{admin, client, dev, telemetry};
+use localkms::telemetry::{self, LogFormat};
+use localkms::{admin, client, dev};
 
 fn main() -> std::process::ExitCode {
+    // Before anything is opened: a closed stdin/stdout/stderr must not be reused by a file.
+    localkms::hardening::ensure_std_fds();
     // Before any key is read: no core dumps, not dumpable.
     let hardening = localkms::hardening::harden_process();
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_format, &cli.log_level);
+    let format = cli.log_format;
+    telemetry::init_logging(format, &cli.log_level);
     localkms::hardening::report(&hardening);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("localkms: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            let line = cli_output::error_line(&e);
+            match format {
+                LogFormat::Json => tracing::error!(error = %line, "localkms: fatal error"),
+                LogFormat::Text => telemetry::eprint_lossy(&format!("localkms: error: {line}\n")),
+            }
+            match e.downcast_ref::<OutputError>() {
+                Some(OutputError::AfterCommit { .. }) => {
+                    std::process::ExitCode::from(EXIT_COMMITTED_OUTPUT_FAILED)
+                }
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -51,11 +65,16 @@ fn opened(args: &KeystoreArgs) -> anyhow::Result<admin::Opened> {
     )?)
 }
 
-fn print(p: admin::Printed) {
-    print!("{}", p.stdout);
-    if !p.stderr.is_empty() {
-        eprintln!("{}", p.stderr);
-    }
+fn print(p: admin::Printed) -> anyhow::Result<()> {
+    Ok(cli_output::emit(
+        &p.stdout,
+        &p.stderr,
+        p.committed.as_deref(),
+    )?)
+}
+
+fn println_out(text: String) -> anyhow::Result<()> {
+    Ok(cli_output::emit(&format!("{text}\n"), "", None)?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -64,8 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init(args) => {
             let loc = location(&args.keystore)?;
             let src = source(&args.root)?;
-            print(runtime()?.block_on(admin::init(&loc, &src, &args.etcd.tls()))?);
-            Ok(())
+            print(runtime()?.block_on(admin::init(&loc, &src, &args.etcd.tls()))?)
         }
         Command::Keys { command } => keys(command),
         Command::Keystore { command } => {
@@ -86,16 +104,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     &etcd.tls(),
                 ))?,
             };
-            print(printed);
-            Ok(())
+            print(printed)
         }
         Command::Nodes {
             keystore: args,
             json,
-        } => {
-            print(runtime()?.block_on(admin::nodes_list(&opened(&args)?, json))?);
-            Ok(())
-        }
+        } => print(runtime()?.block_on(admin::nodes_list(&opened(&args)?, json))?),
         Command::RootKey {
             command:
                 RootKeyCommand::Rotate {
@@ -111,20 +125,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     return Err(anyhow!("pass --new-root-key-file or --new-passphrase-file"))
                 }
             };
-            print(runtime()?.block_on(admin::root_key_rotate(&opened(&args)?, &new_source))?);
-            Ok(())
+            print(runtime()?.block_on(admin::root_key_rotate(&opened(&args)?, &new_source))?)
         }
         Command::Status { socket, json } => {
             let report = runtime()?.block_on(client::status(&socket.socket))?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
+            println_out(if json {
+                serde_json::to_string(&report)?
             } else {
-                println!(
+                format!(
                     "version: {}\nhealthz: {}\nkey_id:  {}",
                     report.version, report.healthz, report.key_id
-                );
-            }
-            Ok(())
+                )
+            })
         }
         Command::Bench(args) => {
             let opts = client::BenchOptions {
@@ -133,34 +145,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 op: args.op,
                 concurrency: args.concurrency,
                 connections: args.connections,
-                duration: args.duration.unwrap_or(Duration::from_secs(10)),
+                duration: args.duration.unwrap_or(std::time::Duration::from_secs(10)),
                 requests: args.requests,
                 plaintext_size: args.plaintext_size,
                 progress: true,
             };
             let report = runtime()?.block_on(client::bench(opts))?;
-            if args.json {
-                println!("{}", serde_json::to_string(&report)?);
+            println_out(if args.json {
+                serde_json::to_string(&report)?
             } else {
-                println!("{}", report.text());
-            }
-            Ok(())
+                report.text()
+            })
         }
         Command::Check { socket, timeout } => {
             let report = runtime()?
                 .block_on(async {
-                    tokio::time::timeout(
-                        Duration::from_secs(timeout),
-                        client::check(&socket.socket),
-                    )
-                    .await
+                    tokio::time::timeout(timeout, client::check(&socket.socket)).await
                 })
                 .map_err(|_| client::ClientError::Timeout(socket.socket.clone().into()))??;
-            println!(
+            println_out(format!(
                 "ok: {} answered Status (version {}, key_id {}), Encrypt ({} bytes) and Decrypt",
                 socket.socket, report.status.version, report.status.key_id, report.ciphertext_len
-            );
-            Ok(())
+            ))
         }
     }
 }
@@ -181,23 +187,34 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             stage,
             timeout,
         } => rt.block_on(admin::keys_rotate(&opened(&args)?, stage, timeout))?,
-        KeysCommand::Promote { id, keystore: args } => {
-            rt.block_on(admin::keys_change(&opened(&args)?, "promote", &id, false))?
-        }
-        KeysCommand::Disable { id, keystore: args } => {
-            rt.block_on(admin::keys_change(&opened(&args)?, "disable", &id, false))?
-        }
+        KeysCommand::Promote { id, keystore: args } => rt.block_on(admin::keys_change(
+            &opened(&args)?,
+            &KeyChange::Promote,
+            &id,
+        ))?,
+        KeysCommand::Disable { id, keystore: args } => rt.block_on(admin::keys_change(
+            &opened(&args)?,
+            &KeyChange::Disable,
+            &id,
+        ))?,
         KeysCommand::Enable { id, keystore: args } => {
-            rt.block_on(admin::keys_change(&opened(&args)?, "enable", &id, false))?
+            rt.block_on(admin::keys_change(&opened(&args)?, &KeyChange::Enable, &id))?
         }
         KeysCommand::Destroy {
             id,
             keystore: args,
+            min_retired_age,
             force,
-        } => rt.block_on(admin::keys_change(&opened(&args)?, "destroy", &id, force))?,
+        } => rt.block_on(admin::keys_change(
+            &opened(&args)?,
+            &KeyChange::Destroy {
+                force,
+                min_retired_age,
+            },
+            &id,
+        ))?,
     };
-    print(printed);
-    Ok(())
+    print(printed)
 }
 
 fn limits(args: &ServeArgs) -> server::Limits {
@@ -210,14 +227,13 @@ fn limits(args: &ServeArgs) -> server::Limits {
             idle_timeout: args.idle_timeout,
         },
         max_in_flight: args.max_in_flight,
+        max_in_flight_share: args.max_in_flight_share,
         request_timeout: args.request_timeout,
         ..server::Limits::default()
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let args_check_config = args.check_config;
-    let limits = limits(&args);
     let socket_group = args
         .socket_group
         .as_deref()
@@ -228,36 +244,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .node_name
         .clone()
         .unwrap_or_else(|| localkms::keystore::Actor::current().host);
-    let etcd_tls = args.etcd.tls();
-    let config = if args.dev {
+    let (socket, keystore, root) = if args.dev {
         let setup = dev::prepare(Path::new(dev::DEV_DIR))?;
-        eprintln!("{}", dev::banner(&setup));
-        tracing::warn!(dir = %setup.dir.display(), "DEVELOPMENT MODE: the root key is stored unprotected next to the keystore; not for production");
-        let socket = match args.socket {
-            Some(s) => server::socket::parse_endpoint(&s)?,
-            None => server::socket::Endpoint::Path(setup.socket),
+        let socket = match &args.socket {
+            Some(s) => server::socket::parse_endpoint(s)?,
+            None => server::socket::Endpoint::Path(setup.socket.clone()),
         };
-        ServeConfig {
-            socket,
-            socket_mode: args.socket_mode,
-            socket_group,
-            keystore: KeystoreLocation::File(setup.keystore),
-            etcd_tls,
-            cache_dir: args.cache_dir,
-            node_name,
-            node_ttl: args.node_ttl,
-            root: RootKeySource::KeyFile(setup.root_key_file),
-            status_version: args.status_version.into(),
-            rotate_after: args.rotate_after,
-            limits,
-            metrics_addr: args.metrics_addr,
-            metrics_allow_non_loopback: args.metrics_allow_non_loopback,
-            insecure_skip_file_checks: args.insecure_skip_file_checks,
+        // The warning goes to stderr; the configuration to paste goes to stdout, so
+        // `serve --dev > enc.yaml` captures exactly it.
+        telemetry::eprint_lossy(&dev::banner(&setup));
+        tracing::warn!(dir = %setup.dir.display(), "DEVELOPMENT MODE: the root key is stored unprotected next to the keystore; not for production");
+        if let Err(e) = cli_output::write_stdout(&dev::encryption_config(&socket.uri())) {
+            tracing::warn!(error = %e, "could not print the EncryptionConfiguration to stdout");
         }
+        (
+            socket,
+            KeystoreLocation::File(setup.keystore),
+            RootKeySource::KeyFile(setup.root_key_file),
+        )
     } else {
-        let root = match (args.root_key_file, args.passphrase_file) {
-            (Some(p), _) => RootKeySource::KeyFile(p),
-            (None, Some(p)) => RootKeySource::PassphraseFile(p),
+        let root = match (&args.root_key_file, &args.passphrase_file) {
+            (Some(p), _) => RootKeySource::KeyFile(p.clone()),
+            (None, Some(p)) => RootKeySource::PassphraseFile(p.clone()),
             (None, None) => {
                 return Err(anyhow!(
                     "serve needs --root-key-file or --passphrase-file (or --dev)"
@@ -265,31 +273,38 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         };
         let missing = || anyhow!("serve needs --socket and --keystore (or --dev)");
-        ServeConfig {
-            socket: server::socket::parse_endpoint(&args.socket.ok_or_else(missing)?)?,
-            socket_mode: args.socket_mode,
-            socket_group,
-            keystore: location(&args.keystore.ok_or_else(missing)?)?,
-            etcd_tls,
-            cache_dir: args.cache_dir,
-            node_name,
-            node_ttl: args.node_ttl,
+        (
+            server::socket::parse_endpoint(args.socket.as_deref().ok_or_else(missing)?)?,
+            location(args.keystore.as_deref().ok_or_else(missing)?)?,
             root,
-            status_version: args.status_version.into(),
-            rotate_after: args.rotate_after,
-            limits,
-            metrics_addr: args.metrics_addr,
-            metrics_allow_non_loopback: args.metrics_allow_non_loopback,
-            insecure_skip_file_checks: args.insecure_skip_file_checks,
-        }
+        )
+    };
+    let config = ServeConfig {
+        socket,
+        socket_mode: args.socket_mode,
+        socket_group,
+        allow_world: args.allow_world,
+        keystore,
+        etcd_tls: args.etcd.tls(),
+        cache_dir: args.cache_dir.clone(),
+        node_name,
+        node_ttl: args.node_ttl,
+        root,
+        status_version: args.status_version.into(),
+        rotate_after: args.rotate_after,
+        limits: limits(&args),
+        metrics_addr: args.metrics_addr,
+        metrics_allow_non_loopback: args.metrics_allow_non_loopback,
+        insecure_skip_file_checks: args.insecure_skip_file_checks,
     };
     let rt = runtime()?;
-    if args_check_config {
-        println!("{}", rt.block_on(server::check_config(&config))?);
-        return Ok(());
+    if args.check_config {
+        return println_out(rt.block_on(server::check_config(&config))?);
     }
-    rt.block_on(server::serve(config, shutdown_signal()))?;
-    Ok(())
+    let result = rt.block_on(server::serve(config, shutdown_signal()));
+    // A blocking read stuck on a hung file must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(result?)
 }
 
 /// Resolves on SIGTERM or SIGINT.

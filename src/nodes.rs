@@ -27,6 +27,9 @@ pub struct NodeRecord {
     pub updated_unix: i64,
     /// Decrypt usage per KEK on this node.
     pub usage: BTreeMap<String, UsageRecord>,
+    /// Since when this node's usage counts run, Unix seconds (absent from older servers).
+    #[serde(default)]
+    pub counting_since_unix: Option<i64>,
 }
 
 /// Every live node's record, sorted by name.
@@ -63,9 +66,19 @@ pub fn converged(nodes: &[NodeRecord]) -> bool {
     nodes.windows(2).all(|w| w[0].generation == w[1].generation)
 }
 
-/// Usage summed over every node: total decrypts, latest last-decrypt.
+/// Usage summed over every node: total decrypts, latest last-decrypt, and the latest start of
+/// counting (unknown when any node does not say, or when no node reports at all).
 pub fn merged_usage(nodes: &[NodeRecord]) -> UsageFile {
-    let mut out = UsageFile::default();
+    let mut out = UsageFile {
+        counting_since_unix: nodes
+            .iter()
+            .map(|n| n.counting_since_unix)
+            .try_fold(None::<i64>, |acc, s| {
+                s.map(|s| Some(acc.map_or(s, |a| a.max(s))))
+            })
+            .flatten(),
+        ..UsageFile::default()
+    };
     for n in nodes {
         for (id, u) in &n.usage {
             let e = out.keys.entry(id.clone()).or_default();
@@ -163,6 +176,7 @@ async fn publish_once(
         primary: ring.primary_id().map(|k| k.to_string()).unwrap_or_default(),
         updated_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
         usage,
+        counting_since_unix: Some(ring.usage().counting_since()),
     };
     publish(etcd, &record, *lease).await
 }
@@ -193,6 +207,7 @@ mod tests {
                 },
             )]
             .into(),
+            counting_since_unix: Some(generation as i64 * 10),
         }
     }
 
@@ -203,7 +218,12 @@ mod tests {
         assert!(!converged(&[a.clone(), b.clone()]));
         assert_eq!(lagging(&[a.clone(), b.clone()], "k2"), ["b"]);
         assert!(converged(std::slice::from_ref(&a)));
+        let mut c = b.clone();
+        c.counting_since_unix = None;
+        assert_eq!(merged_usage(&[a.clone(), c]).counting_since_unix, None);
+        assert_eq!(merged_usage(&[]).counting_since_unix, None);
         let usage = merged_usage(&[a, b]);
+        assert_eq!(usage.counting_since_unix, Some(30));
         assert_eq!(usage.keys["k1"].decrypts, 12);
         assert_eq!(usage.keys["k1"].last_decrypt_unix, Some(200));
     }

@@ -20,6 +20,9 @@ use crate::usage::{UsageTracker, FLUSH_INTERVAL};
 
 /// How often the keystore file's metadata is checked; well inside the 2 s promise.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest a keystore read may take before the reload gives up (a hung NFS mount, say); the
+/// server keeps serving what it has meanwhile.
+pub const KEYSTORE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name of the sealed keystore copy kept in `--cache-dir`.
 pub const CACHE_FILE: &str = "keystore.cache.lkms";
 
@@ -110,6 +113,8 @@ pub struct Reloader {
     counters: Arc<ReloadCounters>,
     history: std::sync::Mutex<Vec<HistoryEntry>>,
     rotate_after: Option<Duration>,
+    /// Apply the start-up ownership and mode checks to every reloaded keystore file.
+    check_files: bool,
 }
 
 impl Reloader {
@@ -133,7 +138,21 @@ impl Reloader {
             counters: Arc::default(),
             history: std::sync::Mutex::new(history),
             rotate_after: None,
+            check_files: true,
         }
+    }
+
+    /// Whether each reloaded keystore file must pass the ownership and mode checks start-up
+    /// applies (on unless `--insecure-skip-file-checks`).
+    pub fn with_file_checks(mut self, check: bool) -> Self {
+        self.check_files = check;
+        self
+    }
+
+    /// Shares `counters` (so they survive a restart of the reload task).
+    pub fn with_counters(mut self, counters: Arc<ReloadCounters>) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// For etcd keystores: keep a sealed copy of every keystore loaded in `dir`, and write
@@ -165,13 +184,37 @@ impl Reloader {
     pub async fn reload(&self, force: bool) -> ReloadOutcome {
         let (ks, raw) = match &self.store {
             Store::File(path) => {
-                let path = path.clone();
+                let file = path.clone();
                 let root = Arc::clone(&self.root);
-                match tokio::task::spawn_blocking(move || keystore::load(&path, &root)).await {
-                    Ok(Ok(ks)) => (ks, None),
-                    Ok(Err(e)) => return ReloadOutcome::Failed(e),
-                    Err(join) => {
+                let check = self.check_files;
+                let task = tokio::task::spawn_blocking(move || {
+                    if check {
+                        keystore::file::check_private_file(&file).map_err(Err)?;
+                    }
+                    keystore::load(&file, &root).map_err(Ok)
+                });
+                match tokio::time::timeout(KEYSTORE_READ_TIMEOUT, task).await {
+                    Ok(Ok(Ok(ks))) => (ks, None),
+                    Ok(Ok(Err(Ok(e)))) => return ReloadOutcome::Failed(e),
+                    Ok(Ok(Err(Err(e)))) => {
+                        return ReloadOutcome::Refused(format!(
+                            "{e} (the same check start-up applies; fix the file's owner and mode)"
+                        ))
+                    }
+                    Ok(Err(join)) => {
                         return ReloadOutcome::Refused(format!("reload task failed: {join}"));
+                    }
+                    Err(_) => {
+                        return ReloadOutcome::Failed(KeystoreError::Io {
+                            path: path.clone(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "reading it took longer than {} s",
+                                    KEYSTORE_READ_TIMEOUT.as_secs()
+                                ),
+                            ),
+                        })
                     }
                 }
             }
@@ -359,8 +402,10 @@ impl Reloader {
                         self.flush_usage(false);
                     }
                     if let Some(after) = self.rotation_due() {
-                        // Retry a failed rotation at most every 30 s.
-                        if last_rotation_attempt.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        // Retry a failed rotation at most every 30 s (or every --rotate-after,
+                        // if that is shorter, so a short schedule is kept too).
+                        let retry = Duration::from_secs(30).min(self.rotate_after.unwrap_or(Duration::MAX));
+                        if last_rotation_attempt.is_none_or(|t| t.elapsed() >= retry) {
                             last_rotation_attempt = Some(Instant::now());
                             self.scheduled_rotation(after).await;
                             if is_file {

@@ -51,6 +51,11 @@ pub struct UsageRecord {
 pub struct UsageFile {
     /// When the server last wrote it, RFC 3339.
     pub written_at: String,
+    /// Since when (Unix seconds) these counts run without a restart from zero: the destroy
+    /// guard only trusts "no decrypt" over a window the count covered. Absent in files
+    /// written before it existed, which count from the next server start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counting_since_unix: Option<i64>,
     /// Per key id.
     pub keys: BTreeMap<String, UsageRecord>,
 }
@@ -67,7 +72,7 @@ pub enum UsageError {
         source: std::io::Error,
     },
     /// Not valid JSON of the expected shape.
-    #[error("usage file {path} is not valid: {source}; delete it to start counting afresh")]
+    #[error("usage file {path} is not valid: {source}. The server moves such a file aside at start and counts afresh; until the new count covers --min-retired-age, `keys destroy` refuses without --force")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -98,17 +103,47 @@ pub fn read_usage(path: &Path) -> Result<UsageFile, UsageError> {
     }
 }
 
+/// Moves an unreadable usage file aside (to `PATH.corrupt-UNIXTIME`) so the server can count
+/// afresh without overwriting what was there; returns where it went.
+pub fn move_aside(path: &Path) -> Result<PathBuf, UsageError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(
+        ".corrupt-{}",
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    ));
+    let aside = PathBuf::from(name);
+    std::fs::rename(path, &aside).map_err(|source| UsageError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(aside)
+}
+
 /// All KEKs' counters, shared by every keyring the server builds so counts survive reloads.
-#[derive(Default)]
 pub struct UsageTracker {
     keys: RwLock<HashMap<KeyId, Arc<KeyUsage>>>,
     dirty: AtomicBool,
+    /// Since when the counts run (Unix seconds).
+    counting_since: i64,
+}
+
+impl Default for UsageTracker {
+    fn default() -> Self {
+        UsageTracker {
+            keys: RwLock::default(),
+            dirty: AtomicBool::new(false),
+            counting_since: time::OffsetDateTime::now_utc().unix_timestamp(),
+        }
+    }
 }
 
 impl UsageTracker {
     /// Starts from the counts in a usage file, so totals are cumulative across restarts.
     pub fn from_file(file: &UsageFile) -> Self {
-        let tracker = UsageTracker::default();
+        let mut tracker = UsageTracker::default();
+        if let Some(since) = file.counting_since_unix {
+            tracker.counting_since = tracker.counting_since.min(since);
+        }
         for (id, rec) in &file.keys {
             if let Ok(id) = KeyId::parse(id) {
                 let usage = tracker.handle(&id);
@@ -138,6 +173,11 @@ impl UsageTracker {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
+    /// Since when the counts run, Unix seconds.
+    pub fn counting_since(&self) -> i64 {
+        self.counting_since
+    }
+
     /// A snapshot of every KEK's counters, sorted by id.
     pub fn snapshot(&self) -> Vec<(KeyId, u64, i64)> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
@@ -157,6 +197,7 @@ impl UsageTracker {
         }
         let mut file = UsageFile {
             written_at: crate::timefmt::rfc3339(time::OffsetDateTime::now_utc().unix_timestamp()),
+            counting_since_unix: Some(self.counting_since),
             keys: BTreeMap::new(),
         };
         for (id, decrypts, last) in self.snapshot() {
@@ -217,6 +258,22 @@ mod tests {
             .is_some_and(|s| s.starts_with("2027-01-15")));
         let again = UsageTracker::from_file(&file);
         assert_eq!(again.handle(&id).decrypts(), 2);
+        assert_eq!(again.counting_since(), tracker.counting_since());
+        assert_eq!(file.counting_since_unix, Some(tracker.counting_since()));
+    }
+
+    #[test]
+    fn a_file_without_a_start_counts_from_now_and_garbage_moves_aside() {
+        let old: UsageFile =
+            serde_json::from_str(r#"{"written_at":"x","keys":{}}"#).expect("old format");
+        let before = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!(UsageTracker::from_file(&old).counting_since() >= before);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("u.json");
+        std::fs::write(&path, b"{nope").expect("write");
+        let aside = move_aside(&path).expect("aside");
+        assert!(!path.exists());
+        assert_eq!(std::fs::read(&aside).expect("kept"), b"{nope");
     }
 
     #[test]
@@ -226,6 +283,6 @@ mod tests {
         assert_eq!(read_usage(&path).expect("missing"), UsageFile::default());
         std::fs::write(&path, b"{nope").expect("write");
         let err = read_usage(&path).expect_err("garbage");
-        assert!(err.to_string().contains("delete it"), "{err}");
+        assert!(err.to_string().contains("moves such a file aside"), "{err}");
     }
 }

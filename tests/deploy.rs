@@ -2,7 +2,9 @@
 //! other and with the real CLI: every YAML file parses, every place that names the provider,
 //! socket, keystore or root key names the same ones, every serve/check command line is accepted
 //! by `localkms::cli::Cli`, the static pod's command really serves (and passes its own probes)
-//! on a temp copy of its paths, and the shell scripts pass `shellcheck -x`.
+//! on a temp copy of its paths, and the shell scripts pass `shellcheck -x`. The documented
+//! install and control-plane join procedures prepare, in order, the files and directories the
+//! static pod reads, and LICENSE is the license Cargo.toml declares.
 
 mod common;
 
@@ -29,6 +31,9 @@ const ENC_CONFIG: &str = "/etc/kubernetes/enc/encryption-config.yaml";
 const ENC_DIR: &str = "/etc/kubernetes/enc";
 const STATIC_POD_PATH: &str = "/etc/kubernetes/manifests/localkms.yaml";
 const ETCD_PREFIX: &str = "k8s:enc:kms:v2:localkms:";
+/// What lets `kubeadm join` run with localkms.yaml already in the static pod directory.
+const IGNORE_MANIFESTS_DIR: &str =
+    "--ignore-preflight-errors=DirAvailable--etc-kubernetes-manifests";
 
 /// The serve command line, written the same way everywhere.
 const SERVE: [&str; 10] = [
@@ -196,6 +201,75 @@ fn static_pod_container(pod: &Yaml) -> &Yaml {
     let containers = list(&pod["spec"]["containers"], "spec.containers");
     assert_eq!(containers.len(), 1, "the static pod has one container");
     &containers[0]
+}
+
+/// A Markdown section: from its heading line up to the next heading of the same level.
+fn md_section<'a>(text: &'a str, heading: &str) -> &'a str {
+    let start = text
+        .find(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("no section {heading:?}"))
+        + 1;
+    let level = heading.chars().take_while(|&c| c == '#').count();
+    let next = format!("\n{} ", "#".repeat(level));
+    let body = start + heading.len();
+    match text[body..].find(&next) {
+        Some(end) => &text[start..body + end + 1],
+        None => &text[start..],
+    }
+}
+
+/// The commands of each ```sh block in a Markdown text, in order: comments dropped,
+/// continuation lines joined, quotes removed, split into words.
+fn sh_blocks(markdown: &str) -> Vec<Vec<Vec<String>>> {
+    let mut blocks: Vec<Vec<Vec<String>>> = Vec::new();
+    let mut commands: Vec<Vec<String>> = Vec::new();
+    let mut in_block = false;
+    let mut pending = String::new();
+    for line in markdown.lines().map(str::trim) {
+        if !in_block {
+            in_block = line == "```sh";
+            continue;
+        }
+        if line == "```" {
+            in_block = false;
+            blocks.push(std::mem::take(&mut commands));
+            continue;
+        }
+        let code = if line.starts_with('#') {
+            ""
+        } else {
+            line.find(" #").map_or(line, |i| &line[..i])
+        };
+        let code = code.trim_end();
+        if let Some(head) = code.strip_suffix('\\') {
+            pending.push_str(head);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(code);
+        let words: Vec<String> = pending
+            .split_whitespace()
+            .map(|w| w.replace(['"', '\''], ""))
+            .collect();
+        pending.clear();
+        if !words.is_empty() {
+            commands.push(words);
+        }
+    }
+    blocks
+}
+
+/// Whether a command's words start with `prefix`.
+fn is_cmd(command: &[String], prefix: &[&str]) -> bool {
+    command.len() >= prefix.len() && command.iter().zip(prefix).all(|(w, p)| w == p)
+}
+
+/// Index of the first command `pred` accepts.
+fn find_command(commands: &[Vec<String>], what: &str, pred: impl Fn(&[String]) -> bool) -> usize {
+    commands
+        .iter()
+        .position(|c| pred(c.as_slice()))
+        .unwrap_or_else(|| panic!("no command {what} in {commands:#?}"))
 }
 
 #[test]
@@ -510,8 +584,45 @@ fn systemd_unit_runs_the_same_command() {
     assert!(rw.iter().any(|p| p == SOCKET_DIR), "ReadWritePaths: {rw:?}");
     assert!(rw.iter().any(|p| p == KEY_DIR), "ReadWritePaths: {rw:?}");
     let families = one("RestrictAddressFamilies");
-    assert!(families.split_whitespace().any(|f| f == "AF_UNIX"));
-    assert_eq!(one("Before"), "kubelet.service");
+    assert_eq!(
+        families.split_whitespace().collect::<Vec<_>>(),
+        ["AF_UNIX", "AF_INET", "AF_INET6"],
+        "the socket, then IPv4 and IPv6 for the metrics listener and an etcd keystore"
+    );
+    // Before the apiserver whether the kubelet runs it (static pod) or systemd does.
+    let before = one("Before");
+    for apiserver_unit in ["kubelet.service", "kube-apiserver.service"] {
+        assert!(
+            before.split_whitespace().any(|u| u == apiserver_unit),
+            "Before={before} lacks {apiserver_unit}"
+        );
+    }
+
+    // A writable state directory for an etcd keystore's --cache-dir, named as the unit's
+    // comment and README.md's etcd serve line name it, and accepted by the CLI.
+    assert_eq!(one("StateDirectory"), "localkms");
+    assert_eq!(one("StateDirectoryMode"), "0700");
+    let cache_dir = format!("/var/lib/{}", one("StateDirectory"));
+    let cache_flag = format!("--cache-dir {cache_dir}");
+    assert!(
+        unit.contains(&cache_flag),
+        "the unit does not mention {cache_flag}"
+    );
+    assert!(
+        read("README.md").contains(&cache_flag),
+        "README.md's etcd serve line does not use {cache_flag}"
+    );
+    let mut etcd_args = args.clone();
+    etcd_args.extend(["--cache-dir".to_owned(), cache_dir.clone()]);
+    match Cli::try_parse_from(etcd_args.iter())
+        .unwrap_or_else(|e| panic!("the CLI rejects {etcd_args:?}:\n{e}"))
+        .command
+    {
+        CliCommand::Serve(a) => {
+            assert_eq!(a.cache_dir.as_deref(), Some(Path::new(&cache_dir)));
+        }
+        other => panic!("{etcd_args:?} parsed as {other:?}, not serve"),
+    }
 }
 
 #[test]
@@ -566,6 +677,338 @@ fn kubernetes_readme_names_the_same_paths() {
             readme.contains(&needle),
             "deploy/kubernetes/README.md lacks {needle:?}"
         );
+    }
+}
+
+/// Adding a control-plane node: both documented orders copy to the new node, before
+/// `kubeadm join --control-plane`, the files the static pod reads, from and to the paths it
+/// reads them at; the static-pod-first order skips exactly the preflight check the manifest
+/// trips, and the systemd-first order skips none.
+#[test]
+fn control_plane_join_copies_what_the_static_pod_reads() {
+    // kubeadm names the check after the directory: DirAvailable--<path, with '/' as '-'>.
+    let manifests_dir = parent(STATIC_POD_PATH);
+    assert_eq!(
+        IGNORE_MANIFESTS_DIR,
+        format!(
+            "--ignore-preflight-errors=DirAvailable--{}",
+            manifests_dir.trim_start_matches('/').replace('/', "-")
+        )
+    );
+    let readme = read("README.md");
+    let install = md_section(&readme, "## Install");
+    for needle in [
+        IGNORE_MANIFESTS_DIR,
+        "kubeadm join ... --control-plane",
+        "deploy/kubernetes/README.md#adding-a-control-plane-node",
+    ] {
+        assert!(
+            install.contains(needle),
+            "README.md's Install section lacks {needle:?}"
+        );
+    }
+
+    // What the static pod reads from the host: the key files its command names, through
+    // hostPath volumes. A hostPath of type Directory must exist before the kubelet starts it.
+    let pod = load_doc("deploy/kubernetes/localkms.yaml");
+    let c = static_pod_container(&pod);
+    let command = strings(&c["command"], "command");
+    let flag = |name: &str| -> String {
+        let i = command
+            .iter()
+            .position(|a| a == name)
+            .unwrap_or_else(|| panic!("the static pod command lacks {name}"));
+        command[i + 1].clone()
+    };
+    let volumes = list(&pod["spec"]["volumes"], "volumes");
+    let mounts = list(&c["volumeMounts"], "volumeMounts");
+    let host_file = |path: &str| -> String {
+        let dir = parent(path);
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"].as_str() == Some(dir))
+            .unwrap_or_else(|| panic!("{dir} is not mounted"));
+        let name = s(&mount["name"], "volumeMounts.name");
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        let host_dir = s(&volume["hostPath"]["path"], "hostPath.path");
+        let file = Path::new(path)
+            .file_name()
+            .and_then(|f| f.to_str())
+            .expect("file name");
+        format!("{host_dir}/{file}")
+    };
+    let keystore = host_file(flag("--keystore").as_str());
+    let root_key = host_file(flag("--root-key-file").as_str());
+    assert_eq!((keystore.as_str(), root_key.as_str()), (KEYSTORE, ROOT_KEY));
+    let must_exist: Vec<&str> = volumes
+        .iter()
+        .filter(|v| v["hostPath"]["type"].as_str() == Some("Directory"))
+        .map(|v| s(&v["hostPath"]["path"], "hostPath.path"))
+        .collect();
+    assert_eq!(must_exist, [KEY_DIR], "hostPath volumes that must exist");
+
+    let k8s_readme = read("deploy/kubernetes/README.md");
+    let join = md_section(&k8s_readme, "## Adding a control-plane node");
+    let commands: Vec<Vec<String>> = sh_blocks(join).into_iter().flatten().collect();
+    for cmd in commands
+        .iter()
+        .filter(|c| is_cmd(c.as_slice(), &["localkms"]))
+    {
+        Cli::try_parse_from(cmd.iter()).unwrap_or_else(|e| panic!("the CLI rejects {cmd:?}:\n{e}"));
+    }
+
+    // The directories, 0700, before anything is copied into them.
+    let mkdir = find_command(&commands, "creating the key directory 0700", |c| {
+        is_cmd(c, &["install", "-d", "-m", "0700"]) && c.iter().any(|w| w == KEY_DIR)
+    });
+    for dir in must_exist.iter().copied().chain([ENC_DIR]) {
+        let created = &commands[mkdir];
+        assert!(
+            created.iter().any(|w| w == dir),
+            "{created:?} does not create {dir}"
+        );
+    }
+    // The binary the systemd unit runs, for the host's `localkms` commands.
+    let binary = find_command(&commands, "copying the binary", |c| {
+        is_cmd(c, &["scp", "-p"]) && c.last().map(String::as_str) == Some("/usr/local/bin/localkms")
+    });
+    // The keystore, root key and encryption config: each from the same path on a running node
+    // into the same directory here, then root-owned and 0600.
+    let mut last_fix = mkdir;
+    for file in [keystore.as_str(), root_key.as_str(), ENC_CONFIG] {
+        let copy = find_command(&commands, &format!("copying {file}"), |c| {
+            c.len() > 3
+                && is_cmd(c, &["scp", "-p"])
+                && c[2..c.len() - 1]
+                    .iter()
+                    .any(|w| w.split_once(':').map(|(_, p)| p) == Some(file))
+                && c[c.len() - 1].trim_end_matches('/') == parent(file)
+        });
+        assert!(mkdir < copy, "{file} is copied before its directory exists");
+        for (tool, arg) in [("chown", "root:root"), ("chmod", "0600")] {
+            let fix = find_command(&commands, &format!("{tool} {arg} {file}"), |c| {
+                is_cmd(c, &[tool, arg]) && c.iter().any(|w| w == file)
+            });
+            assert!(copy < fix, "{tool} {arg} runs before {file} is copied");
+            last_fix = last_fix.max(fix);
+        }
+    }
+    let verify = find_command(&commands, "verifying the copied keystore", |c| {
+        is_cmd(c, &["localkms", "keystore", "verify"])
+            && c.contains(&keystore)
+            && c.contains(&root_key)
+    });
+    assert!(
+        binary < verify && last_fix < verify,
+        "verify after the copies"
+    );
+
+    // Two orders, two joins, both after the copies.
+    let joins: Vec<usize> = (0..commands.len())
+        .filter(|&i| is_cmd(&commands[i], &["kubeadm", "join"]))
+        .collect();
+    assert_eq!(joins.len(), 2, "two orders, two joins: {commands:#?}");
+    for &j in &joins {
+        let cmd = &commands[j];
+        assert!(verify < j, "{cmd:?} runs before the keys are copied");
+        for word in ["--control-plane", "--certificate-key"] {
+            assert!(cmd.iter().any(|w| w == word), "{cmd:?} lacks {word}");
+        }
+    }
+    let (static_first, systemd_first) = (joins[0], joins[1]);
+    let skipped = |j: usize| -> Vec<String> {
+        commands[j]
+            .iter()
+            .filter(|w| w.starts_with("--ignore-preflight-errors"))
+            .cloned()
+            .collect()
+    };
+    let check = ["localkms", "check", "--socket", ENDPOINT];
+    let checks: Vec<usize> = (0..commands.len())
+        .filter(|&i| commands[i] == check)
+        .collect();
+
+    // Order 1: the manifest in place, then a join that skips only the manifests-directory
+    // check, then the plugin answers.
+    assert_eq!(skipped(static_first), [IGNORE_MANIFESTS_DIR]);
+    let place = find_command(&commands, "placing the static pod", |c| {
+        is_cmd(
+            c,
+            &["install", "-m", "0600", "localkms.yaml", STATIC_POD_PATH],
+        )
+    });
+    assert!(repo().join("deploy/kubernetes/localkms.yaml").is_file());
+    assert!(
+        verify < place && place < static_first,
+        "manifest, then join"
+    );
+
+    // Order 2: the systemd unit runs and answers before a join that skips nothing, and
+    // nothing goes into the manifests directory on the way.
+    assert!(
+        skipped(systemd_first).is_empty(),
+        "{:?}",
+        skipped(systemd_first)
+    );
+    let unit = find_command(&commands, "installing the systemd unit", |c| {
+        is_cmd(c, &["install", "-m", "0644", "../systemd/localkms.service"])
+    });
+    assert!(repo()
+        .join("deploy/kubernetes/../systemd/localkms.service")
+        .is_file());
+    let enable = find_command(&commands, "starting the systemd unit", |c| {
+        c.windows(3).any(|w| *w == ["enable", "--now", "localkms"])
+    });
+    assert!(
+        static_first < unit && unit < enable && enable < systemd_first,
+        "order 2 follows order 1: unit, start, join"
+    );
+    for cmd in &commands[static_first + 1..systemd_first] {
+        assert!(
+            !cmd.iter().any(|w| w.starts_with(manifests_dir)),
+            "{cmd:?} writes to {manifests_dir} before the systemd-first join"
+        );
+    }
+    assert!(
+        checks.iter().any(|&i| static_first < i && i < unit),
+        "order 1 does not check the plugin after the join"
+    );
+    assert!(
+        checks.iter().any(|&i| enable < i && i < systemd_first),
+        "order 2 does not check the plugin before the join"
+    );
+
+    // Afterwards: the new apiserver has the flag, and a secret written through it is encrypted.
+    let apiserver = format!("{manifests_dir}/kube-apiserver.yaml");
+    assert!(
+        join.contains(&apiserver),
+        "the join section never checks {apiserver}"
+    );
+    assert!(
+        join.contains(ETCD_PREFIX),
+        "the join section never checks etcd"
+    );
+}
+
+/// Every `localkms init` into /etc/localkms in README.md and deploy/kubernetes/README.md first
+/// creates that directory 0700; in README.md's Install section every host `localkms` command
+/// comes after the binary is installed on the host, and the kubeadm path imports the image into
+/// the kubelet's containerd before it places the static pod.
+#[test]
+fn readme_install_steps_prepare_the_host_first() {
+    let readme = read("README.md");
+    let k8s_readme = read("deploy/kubernetes/README.md");
+    let mut inits = 0;
+    for (name, text) in [
+        ("README.md", readme.as_str()),
+        ("deploy/kubernetes/README.md", k8s_readme.as_str()),
+    ] {
+        for block in sh_blocks(text) {
+            for (i, cmd) in block.iter().enumerate() {
+                let into_key_dir = cmd
+                    .windows(2)
+                    .any(|w| w[0] == "--keystore" && w[1].starts_with(&format!("{KEY_DIR}/")));
+                if is_cmd(cmd, &["localkms", "init"]) && into_key_dir {
+                    inits += 1;
+                    assert!(
+                        block[..i]
+                            .iter()
+                            .any(|p| is_cmd(p, &["install", "-d", "-m", "0700", KEY_DIR])),
+                        "{name}: {cmd:?} runs before `install -d -m 0700 {KEY_DIR}` in its block"
+                    );
+                }
+            }
+        }
+    }
+    assert!(inits >= 4, "only {inits} `localkms init` commands found");
+
+    let install = md_section(&readme, "## Install");
+    let blocks = sh_blocks(install);
+    let install_binary = [
+        "install",
+        "-m",
+        "0755",
+        "target/release/localkms",
+        "/usr/local/bin/",
+    ];
+    for block in &blocks {
+        for (i, cmd) in block.iter().enumerate() {
+            if is_cmd(cmd, &["localkms"]) {
+                assert!(
+                    block[..i]
+                        .iter()
+                        .any(|p| p.windows(5).any(|w| *w == install_binary)),
+                    "README.md Install: {cmd:?} runs before the binary is installed on the host"
+                );
+            }
+        }
+    }
+
+    // kubeadm: build, import into containerd's k8s.io namespace, then the static pod.
+    let pod = load_doc("deploy/kubernetes/localkms.yaml");
+    let image = s(&static_pod_container(&pod)["image"], "image").to_owned();
+    let import = format!("docker save {image} | ctr -n k8s.io images import -");
+    assert!(
+        k8s_readme.contains(&import),
+        "deploy/kubernetes/README.md lacks {import:?}"
+    );
+    let lines: Vec<String> = blocks
+        .iter()
+        .find(|b| b.iter().any(|c| c.join(" ") == import))
+        .unwrap_or_else(|| panic!("README.md Install: no block runs {import:?}"))
+        .iter()
+        .map(|c| c.join(" "))
+        .collect();
+    let at = |needle: &str| -> usize {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("README.md's kubeadm block lacks {needle:?}: {lines:#?}"))
+    };
+    let build = at(format!("docker build -t {image} .").as_str());
+    let imported = at(import.as_str());
+    let init = at("localkms init");
+    let placed = at(STATIC_POD_PATH);
+    assert!(
+        build < imported && imported < placed && init < placed,
+        "build, import and keys before the static pod: {lines:#?}"
+    );
+}
+
+/// LICENSE holds the Apache License 2.0 that Cargo.toml declares.
+#[test]
+fn license_is_the_apache_2_0_text_cargo_toml_declares() {
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest
+            .lines()
+            .any(|l| l.trim() == r#"license = "Apache-2.0""#),
+        "Cargo.toml does not declare license = \"Apache-2.0\""
+    );
+    let license = read("LICENSE");
+    assert!(
+        license.trim_start().starts_with("Apache License"),
+        "LICENSE does not start with \"Apache License\""
+    );
+    for needle in [
+        "Version 2.0, January 2004",
+        "http://www.apache.org/licenses/",
+        "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION",
+        "1. Definitions.",
+        "2. Grant of Copyright License.",
+        "3. Grant of Patent License.",
+        "4. Redistribution.",
+        "5. Submission of Contributions.",
+        "6. Trademarks.",
+        "7. Disclaimer of Warranty.",
+        "8. Limitation of Liability.",
+        "9. Accepting Warranty or Additional Liability.",
+        "END OF TERMS AND CONDITIONS",
+    ] {
+        assert!(license.contains(needle), "LICENSE lacks {needle:?}");
     }
 }
 

@@ -140,9 +140,14 @@ async fn every_lifecycle_command_works_against_a_running_server() {
         "{first_entry}"
     );
     assert!(first_entry["last_decrypt_at"].is_string(), "{first_entry}");
+    // Retired seconds ago: refused, whatever the usage says, and the refusal says how to
+    // get the evidence it wants.
     let m = err(&ws.keys(&["destroy", &first]));
     assert!(
-        m.contains("within the last 7 days") && m.contains("--force"),
+        m.contains("destroy refused")
+            && m.contains("7days")
+            && m.contains("--force")
+            && m.contains("keys disable"),
         "{m}"
     );
     let server = ws.serve();

@@ -224,16 +224,23 @@ fn serve_dev_creates_a_labelled_development_keystore() {
     let mut cmd = Command::new(bin());
     cmd.current_dir(cwd.path()).args(["serve", "--dev"]);
     let log = cwd.path().join("dev.log");
-    let mut server = Server::spawn(cmd, socket.clone(), log);
+    let stdout = cwd.path().join("enc.yaml");
+    let mut server = Server::spawn_with_stdout(cmd, socket.clone(), log, &stdout);
     let text = server.log_text();
     assert!(text.contains("NOT FOR PRODUCTION"), "{text}");
+    // `serve --dev > enc.yaml` captures exactly the EncryptionConfiguration.
+    let config = std::fs::read_to_string(&stdout).expect("stdout");
     assert!(
-        text.contains(&format!(
-            "endpoint: unix://{}",
-            socket.canonicalize().expect("socket").display()
-        )),
-        "{text}"
+        config.starts_with("apiVersion: apiserver.config.k8s.io/v1")
+            && config.contains(&format!(
+                "endpoint: unix://{}",
+                socket.canonicalize().expect("socket").display()
+            ))
+            && config.contains("resources: [secrets, configmaps]")
+            && !config.contains("NOT FOR PRODUCTION"),
+        "{config}"
     );
+    assert!(!text.contains("kind: EncryptionConfiguration"), "{text}");
     let dev = cwd.path().join("localkms-dev");
     assert_eq!(std::fs::metadata(&dev).expect("dir").mode() & 0o777, 0o700);
     assert_eq!(
@@ -252,10 +259,26 @@ fn serve_dev_creates_a_labelled_development_keystore() {
     // A second run reuses the same keys.
     let mut cmd = Command::new(bin());
     cmd.current_dir(cwd.path()).args(["serve", "--dev"]);
-    let server = Server::spawn(cmd, socket.clone(), cwd.path().join("dev2.log"));
+    let mut server = Server::spawn(cmd, socket.clone(), cwd.path().join("dev2.log"));
     assert!(server.log_text().contains("reusing keystore"));
     let out = localkms(&["check", "--socket", socket.to_str().expect("utf8")]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), id);
+    assert_eq!(server.stop("TERM").code(), Some(0));
+
+    // With --socket, the printed configuration points at that socket, not the default one.
+    let other = cwd.path().join("elsewhere.sock");
+    let mut cmd = Command::new(bin());
+    cmd.current_dir(cwd.path())
+        .args(["serve", "--dev", "--socket"])
+        .arg(&other);
+    let stdout = cwd.path().join("enc2.yaml");
+    let _server =
+        Server::spawn_with_stdout(cmd, other.clone(), cwd.path().join("dev3.log"), &stdout);
+    let config = std::fs::read_to_string(&stdout).expect("stdout");
+    assert!(
+        config.contains(&format!("endpoint: unix://{}", other.display())),
+        "{config}"
+    );
 }
 
 #[test]

@@ -52,6 +52,25 @@ pub(crate) fn format_err(path: &Path, e: FormatError) -> KeystoreError {
     }
 }
 
+/// Refuses to serve a keystore file that other users could read or replace: the same check at
+/// start-up and on every reload.
+pub fn check_private_file(path: &Path) -> Result<(), KeystoreError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(KeystoreError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "not a regular file ({}); replace it with the real file",
+                    super::describe(meta.file_type())
+                ),
+            ),
+        });
+    }
+    super::root_key::check_private(path, &meta).map_err(KeystoreError::from)
+}
+
 /// Reads and opens the keystore at `path`, deriving the root key as its header says.
 pub fn load(path: &Path, root: &RootKeyProvider) -> Result<Keystore, KeystoreError> {
     let bytes = read_bounded(path)?;
@@ -71,7 +90,7 @@ pub fn decode_with(
 
 /// Reads a keystore file, refusing anything larger than a keystore can be.
 pub fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
-    let file = File::open(path).map_err(io_err(path))?;
+    let file = super::open_regular(path).map_err(io_err(path))?;
     let len = file.metadata().map_err(io_err(path))?.len();
     if len > MAX_FILE_LEN {
         return Err(KeystoreError::Corrupted {
@@ -324,13 +343,28 @@ impl Lock {
         let mut name = keystore.as_os_str().to_owned();
         name.push(".lock");
         let lock_path = PathBuf::from(name);
+        // Non-blocking, so a FIFO planted at the lock path fails instead of hanging.
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
+        let kind = file.metadata().map_err(io_err(&lock_path))?.file_type();
+        if !kind.is_file() {
+            return Err(KeystoreError::Io {
+                path: lock_path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "the lock file is {}, not a regular file; remove it",
+                        super::describe(kind)
+                    ),
+                ),
+            });
+        }
         Ok((file, lock_path))
     }
 
@@ -461,6 +495,18 @@ mod tests {
         let other = RootKeyProvider::from_key(RootKey::from_bytes([4u8; 32]));
         let err = load(&path, &other).expect_err("wrong key");
         assert!(matches!(err, KeystoreError::WrongRootKey(_)), "{err}");
+        // No backups yet: the message must not send anyone looking for one.
+        assert!(!err.to_string().contains(".bak"), "{err}");
+        update(&path, &root(), |ks| {
+            Ok(ks.rotate(OffsetDateTime::now_utc(), &actor())?)
+        })
+        .expect("rotate");
+        let err = load(&path, &other).expect_err("wrong key");
+        assert!(
+            err.to_string()
+                .contains(&format!("{}.bak.1", path.display())),
+            "{err}"
+        );
 
         let mut bytes = std::fs::read(&path).expect("read");
         let last = bytes.len() - 1;

@@ -586,7 +586,7 @@ mod properties {
                     1 => ks.stage(now, &actor()).map(|_| ()),
                     2 => ks.disable(&target, now, &actor()),
                     3 => ks.enable(&target, now, &actor()),
-                    _ => ks.destroy(&target, now, &actor(), None, true),
+                    _ => ks.destroy(&target, now, &actor(), &crate::keystore::DestroyGuard::Force),
                 };
             }
             ks.generation = generation;

@@ -12,7 +12,10 @@ pub mod store;
 use std::path::PathBuf;
 
 pub use file::{create, load, reseal, update};
-pub use model::{Action, Actor, HistoryEntry, KekRecord, KeyState, Keystore, LifecycleError};
+pub use model::{
+    Action, Actor, DestroyEvidence, DestroyGuard, HistoryEntry, KekRecord, KeyState, Keystore,
+    LifecycleError, DEFAULT_MIN_RETIRED_AGE,
+};
 pub use root_key::{Kdf, RootKey, RootKeyError, RootKeyProvider, RootKeySource};
 pub use store::{KeystoreLocation, Store};
 
@@ -41,7 +44,7 @@ pub enum KeystoreError {
         supported: u16,
     },
     /// The header or body is malformed.
-    #[error("keystore {path} is corrupted ({reason}); restore it from one of its backups ({path}.bak.N)")]
+    #[error("keystore {path} is corrupted ({reason}){hint}", hint = backup_hint(path, "; restore it from"))]
     Corrupted {
         /// The file.
         path: PathBuf,
@@ -49,7 +52,7 @@ pub enum KeystoreError {
         reason: String,
     },
     /// The sealed body did not authenticate.
-    #[error("cannot open keystore {0}: the root key does not match it, or the file is corrupted (check --root-key-file, or restore {0}.bak.N)")]
+    #[error("cannot open keystore {0}: the root key does not match it, or the file is corrupted (check --root-key-file{hint})", hint = backup_hint(.0, ", or restore"))]
     WrongRootKey(PathBuf),
     /// Another process holds the keystore lock.
     #[error("keystore {0} is locked by another localkms command (lock file {0}.lock); try again when it finishes")]
@@ -79,4 +82,61 @@ pub enum KeystoreError {
         "keystore {0} kept changing under us ({1} attempts); another writer is busy: try again"
     )]
     Conflict(PathBuf, usize),
+}
+
+/// Names the backups of a keystore file that exist (`PATH.bak.N`), after `lead`; nothing when
+/// there are none (after `root-key rotate` removed them, or for etcd), so an error never
+/// suggests restoring a file that is not there.
+fn backup_hint(path: &std::path::Path, lead: &str) -> String {
+    let mut gens = file::backups(path);
+    if gens.is_empty() {
+        return String::new();
+    }
+    gens.sort_unstable();
+    let names: Vec<String> = gens
+        .iter()
+        .rev()
+        .map(|g| format!("{}.bak.{g}", path.display()))
+        .collect();
+    format!("{lead} one of its backups ({})", names.join(", "))
+}
+
+/// Opens `path` for reading without ever blocking on it: with `O_NONBLOCK`, so a FIFO or a
+/// device at the path cannot wedge the caller, then refuses anything but a regular file (a
+/// symlink to one is fine).
+pub(crate) fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "not a regular file ({}); replace it with the real file",
+                describe(kind)
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+/// A file type in words, for error messages.
+pub(crate) fn describe(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else if kind.is_symlink() {
+        "a symlink"
+    } else {
+        "a regular file"
+    }
 }

@@ -248,19 +248,70 @@ pub enum LifecycleError {
     /// A destroyed key cannot change state.
     #[error("key {0} was destroyed at {1}; its material is gone and it cannot be used again")]
     Destroyed(KeyId, String),
-    /// Destroy refused because no server has reported usage for the key.
-    #[error("no usage has been recorded for key {0} (the usage file is written by the running server at most once a minute and at shutdown; on etcd, only live nodes report), so it cannot be shown unused; pass --force if you are sure nothing is sealed under it")]
+    /// Destroy refused: no server has a usage record for the key.
+    #[error("destroy refused: no decrypt usage has been recorded for key {0}, so nothing shows it is unused (the usage file is written by the running server at most once a minute and at shutdown; on etcd, only live nodes report). Run the server with this keystore for a while, or pass --force if you are sure nothing is sealed under it. `localkms keys disable {0}` is the reversible first step")]
     NoUsageRecord(KeyId),
-    /// Destroy refused because the key decrypted recently.
-    #[error("key {id} decrypted data at {last}, within the last {grace_days} days, so data may still be sealed under it; finish storage migration, `localkms keys disable {id}` and watch for decrypt errors, or pass --force to destroy it anyway")]
+    /// Destroy refused: the key decrypted within the window.
+    #[error("destroy refused: key {id} decrypted data at {last}, within the last {window} (--min-retired-age), so data is still sealed under it. Rewrite every object sealed under it (`kubectl get secrets,configmaps -A -o json | kubectl replace -f -`), `localkms keys disable {id}` (reversible) and watch for decrypt errors, then destroy once {window} have passed without a decrypt; or pass --force")]
     RecentlyUsed {
         /// The key.
         id: KeyId,
         /// Last decrypt, RFC 3339.
         last: String,
-        /// The grace period.
-        grace_days: i64,
+        /// The window, as given.
+        window: String,
     },
+    /// Destroy refused: the key left primary or staged too recently.
+    #[error("destroy refused: key {id} was {was} until {since}, less than {window} ago (--min-retired-age). Under KMS v2 the apiserver caches data keys and rarely calls Decrypt, so data sealed under it shows no decrypts; no recorded use is not proof of no use. Rewrite every object sealed under it (`kubectl get secrets,configmaps -A -o json | kubectl replace -f -`), `localkms keys disable {id}` (reversible) meanwhile, and destroy after {earliest}; or pass --force")]
+    RetiredTooRecently {
+        /// The key.
+        id: KeyId,
+        /// `primary or staged`, or what the key is now.
+        was: &'static str,
+        /// When it stopped being primary or staged, RFC 3339.
+        since: String,
+        /// The window, as given.
+        window: String,
+        /// The earliest time destroy can proceed, RFC 3339.
+        earliest: String,
+    },
+    /// Destroy refused: the key is staged (another node may promote it at any moment).
+    #[error("destroy refused: key {0} is staged and may be promoted at any moment; `localkms keys disable {0}` (reversible) first, or pass --force")]
+    StagedRefused(KeyId),
+    /// Destroy refused: usage has not been counted for the whole window.
+    #[error("destroy refused: decrypt usage has only been counted since {since}, which does not cover the last {window} (--min-retired-age): the usage record was started afresh (a new server, or a corrupt usage file moved aside), so a missing decrypt proves nothing yet. Wait until {earliest} with the server running, or pass --force")]
+    UsageNotCovering {
+        /// Since when usage is counted, RFC 3339 (or `never`).
+        since: String,
+        /// The window, as given.
+        window: String,
+        /// When the count will cover the window, RFC 3339.
+        earliest: String,
+    },
+}
+
+/// What `keys destroy` weighs before wiping a KEK. Evidence of disuse must be positive:
+/// a key with no recorded decrypts may still protect data (KMS v2 caches DEKs), so the guard
+/// asks for time out of service and for a usage count that covered all that time.
+#[derive(Clone, Debug)]
+pub enum DestroyGuard {
+    /// `--force`: the operator takes responsibility (the primary is still refused).
+    Force,
+    /// Destroy only on the evidence given.
+    Evidence(DestroyEvidence),
+}
+
+/// The usage evidence for one key, gathered outside the keystore.
+#[derive(Clone, Debug)]
+pub struct DestroyEvidence {
+    /// How long the key must have been out of service, and decrypt-free.
+    pub min_retired_age: std::time::Duration,
+    /// Since when (Unix seconds) decrypt usage has been counted without a restart from zero;
+    /// `None` when unknown.
+    pub usage_counted_since: Option<i64>,
+    /// The key's last decrypt: `None` when no usage record names the key, `Some(None)` when
+    /// one does and it never decrypted, `Some(Some(t))` for a decrypt at Unix time `t`.
+    pub last_decrypt_at: Option<Option<i64>>,
 }
 
 /// Every KEK the cluster's data may be sealed under, the audit trail, and the write generation.
@@ -275,8 +326,9 @@ pub struct Keystore {
     pub(crate) history: Vec<HistoryEntry>,
 }
 
-/// How long after its last decrypt a key may not be destroyed without `--force`.
-pub const DESTROY_GRACE_DAYS: i64 = 7;
+/// Default `--min-retired-age`: how long a key must be out of service, and decrypt-free, before
+/// `keys destroy` proceeds without `--force`.
+pub const DEFAULT_MIN_RETIRED_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 impl Keystore {
     /// A new keystore holding one fresh primary KEK, at generation 1.
@@ -450,18 +502,16 @@ impl Keystore {
     }
 
     /// Wipes a KEK's material, keeping a tombstone (id and time) so errors can say what
-    /// happened. Refuses the primary; unless `force`, also refuses a KEK whose last decrypt is
-    /// within [`DESTROY_GRACE_DAYS`], or one with no usage record at all. `last_decrypt_at` is
-    /// what the usage data says: `None` when no server has reported on this KEK,
-    /// `Some(None)` when one has and it never decrypted, `Some(Some(t))` for a last decrypt
-    /// at Unix time `t`.
+    /// happened. Refuses the primary always; unless `guard` is [`DestroyGuard::Force`], also
+    /// refuses a staged key, a key that left service less than `min_retired_age` ago, a key
+    /// that decrypted within that window, and any key when usage was not counted for the
+    /// whole window or has no record of it.
     pub fn destroy(
         &mut self,
         id: &str,
         now: OffsetDateTime,
         actor: &Actor,
-        last_decrypt_at: Option<Option<i64>>,
-        force: bool,
+        guard: &DestroyGuard,
     ) -> Result<(), LifecycleError> {
         let idx = self.find(id)?;
         let rec = &self.records[idx];
@@ -473,18 +523,8 @@ impl Keystore {
             _ => {}
         }
         let ts = now.unix_timestamp();
-        if !force {
-            match last_decrypt_at {
-                Some(Some(last)) if ts.saturating_sub(last) < DESTROY_GRACE_DAYS * 86_400 => {
-                    return Err(LifecycleError::RecentlyUsed {
-                        id: rec.id.clone(),
-                        last: rfc3339(last),
-                        grace_days: DESTROY_GRACE_DAYS,
-                    });
-                }
-                Some(_) => {}
-                None => return Err(LifecycleError::NoUsageRecord(rec.id.clone())),
-            }
+        if let DestroyGuard::Evidence(evidence) = guard {
+            self.check_destroy_evidence(idx, ts, evidence)?;
         }
         let rec = &mut self.records[idx];
         rec.state = KeyState::Destroyed;
@@ -495,6 +535,85 @@ impl Keystore {
         let key_id = rec.id.clone();
         self.record(now, Action::Destroy, Some(key_id), actor);
         Ok(())
+    }
+
+    fn check_destroy_evidence(
+        &self,
+        idx: usize,
+        now: i64,
+        evidence: &DestroyEvidence,
+    ) -> Result<(), LifecycleError> {
+        let rec = &self.records[idx];
+        let window_s = i64::try_from(evidence.min_retired_age.as_secs()).unwrap_or(i64::MAX);
+        let window = humantime::format_duration(evidence.min_retired_age).to_string();
+        if rec.state == KeyState::Staged
+            || (rec.state == KeyState::Disabled && rec.disabled_from == Some(KeyState::Staged))
+        {
+            return Err(LifecycleError::StagedRefused(rec.id.clone()));
+        }
+        let since = self.out_of_service_since(idx);
+        if now.saturating_sub(since) < window_s {
+            return Err(LifecycleError::RetiredTooRecently {
+                id: rec.id.clone(),
+                was: "primary or staged",
+                since: rfc3339(since),
+                window,
+                earliest: rfc3339(since.saturating_add(window_s)),
+            });
+        }
+        match evidence.usage_counted_since {
+            Some(counted) if now.saturating_sub(counted) >= window_s => {}
+            counted => {
+                return Err(LifecycleError::UsageNotCovering {
+                    since: counted.map_or_else(|| "never".to_owned(), rfc3339),
+                    earliest: rfc3339(counted.unwrap_or(now).saturating_add(window_s)),
+                    window,
+                })
+            }
+        }
+        match evidence.last_decrypt_at {
+            None => Err(LifecycleError::NoUsageRecord(rec.id.clone())),
+            Some(Some(last)) if now.saturating_sub(last) < window_s => {
+                Err(LifecycleError::RecentlyUsed {
+                    id: rec.id.clone(),
+                    last: rfc3339(last),
+                    window,
+                })
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// When the key at `idx` last stopped being primary or staged (Unix seconds), read from
+    /// the history. Where the history cannot say (it never names the key, or older entries
+    /// were dropped), the key's last state change, which is never earlier, stands in.
+    fn out_of_service_since(&self, idx: usize) -> i64 {
+        let rec = &self.records[idx];
+        let id = &rec.id;
+        let mut primary: Option<&KeyId> = None;
+        let mut staged: Vec<&KeyId> = Vec::new();
+        let mut last_active: Option<i64> = None;
+        for h in &self.history {
+            if primary == Some(id) || staged.contains(&id) {
+                last_active = Some(h.at);
+            }
+            let Some(k) = h.key_id.as_ref() else { continue };
+            match h.action {
+                Action::Init | Action::Promote | Action::ScheduledRotation => {
+                    staged.retain(|s| *s != k);
+                    primary = Some(k);
+                }
+                Action::Create | Action::Stage => staged.push(k),
+                Action::Disable | Action::Destroy => staged.retain(|s| *s != k),
+                Action::Enable | Action::RootKeyRotate => {}
+            }
+        }
+        let truncated = self.history.len() >= HISTORY_KEPT;
+        match last_active {
+            Some(t) if !truncated => t.max(rec.created_at),
+            Some(t) => t.max(rec.changed_at),
+            None => rec.changed_at.max(rec.created_at),
+        }
     }
 
     /// Whether the primary has been primary for at least `max_age_secs`.
@@ -723,21 +842,75 @@ pub(crate) mod tests {
         let old = ks.primary().expect("primary").id.clone();
         let new = ks.rotate(now(), &actor()).expect("rotate");
         assert!(matches!(
-            ks.destroy(new.as_str(), now(), &actor(), None, true),
+            ks.destroy(new.as_str(), now(), &actor(), &DestroyGuard::Force),
             Err(LifecycleError::PrimaryRefused(..))
         ));
-        let recent = now().unix_timestamp() - 3600;
+        let week = DEFAULT_MIN_RETIRED_AGE;
+        let evidence = |counted: Option<i64>, last: Option<Option<i64>>| {
+            DestroyGuard::Evidence(DestroyEvidence {
+                min_retired_age: week,
+                usage_counted_since: counted,
+                last_decrypt_at: last,
+            })
+        };
+        let t0 = now().unix_timestamp();
+        // Retired seconds ago: refused however clean the usage looks.
         let err = ks
-            .destroy(old.as_str(), now(), &actor(), Some(Some(recent)), false)
-            .expect_err("recently used");
-        assert!(err.to_string().contains("--force"), "{err}");
-        let long_ago = now().unix_timestamp() - 8 * 86_400;
+            .destroy(
+                old.as_str(),
+                now(),
+                &actor(),
+                &evidence(Some(t0 - 30 * 86_400), Some(None)),
+            )
+            .expect_err("just retired");
+        assert!(
+            matches!(err, LifecycleError::RetiredTooRecently { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("keys disable") && err.to_string().contains("7days"),
+            "{err}"
+        );
+        // Eight days later: still refused when usage was not counted over the window...
+        let later = OffsetDateTime::from_unix_timestamp(t0 + 8 * 86_400).expect("time");
+        let err = ks
+            .destroy(
+                old.as_str(),
+                later,
+                &actor(),
+                &evidence(Some(t0 + 7 * 86_400), Some(None)),
+            )
+            .expect_err("usage restarted yesterday");
+        assert!(
+            matches!(err, LifecycleError::UsageNotCovering { .. }),
+            "{err}"
+        );
         assert!(matches!(
-            ks.destroy(old.as_str(), now(), &actor(), None, false),
+            ks.destroy(old.as_str(), later, &actor(), &evidence(None, Some(None))),
+            Err(LifecycleError::UsageNotCovering { .. })
+        ));
+        // ...or when no record names the key, or it decrypted within the window.
+        assert!(matches!(
+            ks.destroy(old.as_str(), later, &actor(), &evidence(Some(t0), None)),
             Err(LifecycleError::NoUsageRecord(_))
         ));
-        ks.destroy(old.as_str(), now(), &actor(), Some(Some(long_ago)), false)
-            .expect("old enough");
+        let err = ks
+            .destroy(
+                old.as_str(),
+                later,
+                &actor(),
+                &evidence(Some(t0), Some(Some(t0 + 2 * 86_400))),
+            )
+            .expect_err("recently used");
+        assert!(err.to_string().contains("--force"), "{err}");
+        // Out of service and unused for the whole window: destroyed.
+        ks.destroy(
+            old.as_str(),
+            later,
+            &actor(),
+            &evidence(Some(t0), Some(Some(t0 - 86_400))),
+        )
+        .expect("old enough");
         let rec = ks
             .records()
             .iter()
@@ -750,8 +923,36 @@ pub(crate) mod tests {
             .expect_err("destroyed");
         assert!(err.to_string().contains("destroyed at"), "{err}");
         assert!(matches!(
-            ks.destroy("kek-nope", now(), &actor(), None, true),
+            ks.destroy("kek-nope", now(), &actor(), &DestroyGuard::Force),
             Err(LifecycleError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn out_of_service_time_comes_from_the_history() {
+        let t = |s: i64| OffsetDateTime::from_unix_timestamp(1_800_000_000 + s).expect("time");
+        let mut ks = Keystore::new_with_primary(t(0), Kdf::KeyFile, &actor()).expect("new");
+        let a = ks.primary().expect("primary").id.clone();
+        let b = ks.rotate(t(100), &actor()).expect("rotate");
+        // Disabling later does not move the retirement time.
+        ks.disable(a.as_str(), t(500), &actor()).expect("disable");
+        let ia = ks.find(a.as_str()).expect("a");
+        assert_eq!(ks.out_of_service_since(ia), 1_800_000_100);
+        // A retired key promoted again and retired again counts from its last service.
+        ks.enable(a.as_str(), t(600), &actor()).expect("enable");
+        ks.promote(a.as_str(), t(700), &actor()).expect("promote a");
+        ks.promote(b.as_str(), t(900), &actor()).expect("promote b");
+        assert_eq!(ks.out_of_service_since(ia), 1_800_000_900);
+        // A staged key is refused even with old, clean evidence.
+        let c = ks.stage(t(1000), &actor()).expect("stage");
+        let guard = DestroyGuard::Evidence(DestroyEvidence {
+            min_retired_age: std::time::Duration::from_secs(1),
+            usage_counted_since: Some(0),
+            last_decrypt_at: Some(None),
+        });
+        assert!(matches!(
+            ks.destroy(c.as_str(), t(100_000), &actor(), &guard),
+            Err(LifecycleError::StagedRefused(_))
         ));
     }
 

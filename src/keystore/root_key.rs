@@ -135,7 +135,7 @@ fn read_private_file(path: &Path, max: usize) -> Result<Zeroizing<Vec<u8>>, Root
             }
         }
     };
-    let mut file = File::open(path).map_err(io)?;
+    let mut file = super::open_regular(path).map_err(io)?;
     check_private(path, &file.metadata().map_err(io)?)?;
     let mut buf = Zeroizing::new(vec![0u8; max + 1]);
     let mut len = 0;

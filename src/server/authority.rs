@@ -363,36 +363,58 @@ fn put_frame_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream_
     out.put_u32(stream_id & 0x7fff_ffff);
 }
 
-/// Shared by the accept loop and one connection while it has not completed its HTTP/2
-/// handshake: lets the accept loop evict the oldest such connection when every connection
-/// slot is taken, so idle connections cannot starve a client that speaks at once.
-pub struct HandshakeTicket {
+/// Shared by the accept loop, one connection and the request guard for the connection's whole
+/// life: lets the accept loop, when every connection slot is taken, evict a connection that
+/// is not doing anything (one still in its handshake, or one idle with no request open), so
+/// idle connections cannot lock a real client out.
+pub struct ConnTicket {
     /// When the connection was accepted: younger ones are not evicted, as the server may not
     /// have read a preface the client already sent.
     pub accepted: std::time::Instant,
-    /// The preface has arrived: no longer evictable.
-    pub done: std::sync::atomic::AtomicBool,
+    /// Who is on the other end, for the eviction log line.
+    pub peer: Option<super::incoming::PeerInfo>,
+    /// The HTTP/2 preface has arrived.
+    pub handshaken: std::sync::atomic::AtomicBool,
     /// The connection is gone.
     pub closed: std::sync::atomic::AtomicBool,
+    /// Requests open on the connection (kept by the request guard).
+    pub active: std::sync::atomic::AtomicUsize,
+    /// When the connection last became idle, in ms after `accepted`.
+    idle_since_ms: std::sync::atomic::AtomicU64,
     /// Notified to evict.
     pub evict: std::sync::Arc<tokio::sync::Notify>,
 }
 
-impl HandshakeTicket {
-    /// A ticket for a connection accepted now.
-    pub fn new() -> Self {
-        HandshakeTicket {
+impl ConnTicket {
+    /// A ticket for a connection from `peer` accepted now.
+    pub fn new(peer: Option<super::incoming::PeerInfo>) -> Self {
+        ConnTicket {
             accepted: std::time::Instant::now(),
-            done: Default::default(),
+            peer,
+            handshaken: Default::default(),
             closed: Default::default(),
+            active: Default::default(),
+            idle_since_ms: Default::default(),
             evict: Default::default(),
         }
     }
-}
 
-impl Default for HandshakeTicket {
-    fn default() -> Self {
-        Self::new()
+    /// Marks the connection idle from now on (handshake done, or its last request finished).
+    pub fn mark_idle_now(&self) {
+        let ms = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.idle_since_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the connection has had nothing to do: `None` while it is in its handshake or
+    /// has a request open.
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.handshaken.load(Relaxed) || self.active.load(Relaxed) > 0 {
+            return None;
+        }
+        let since = std::time::Duration::from_millis(self.idle_since_ms.load(Relaxed));
+        Some(self.accepted.elapsed().saturating_sub(since))
     }
 }
 
@@ -414,8 +436,8 @@ pub struct AuthorityShim<S> {
     handshaken: bool,
     /// The connection slot this connection occupies; freed when it closes.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Until the handshake completes: the accept loop's handle, and its eviction signal.
-    ticket: Option<(std::sync::Arc<HandshakeTicket>, Eviction)>,
+    /// The accept loop's handle on this connection, and its eviction signal.
+    ticket: Option<(std::sync::Arc<ConnTicket>, Eviction)>,
 }
 
 impl<S> AuthorityShim<S> {
@@ -427,7 +449,7 @@ impl<S> AuthorityShim<S> {
         handshake_timeout: std::time::Duration,
         idle_timeout: std::time::Duration,
         slot: tokio::sync::OwnedSemaphorePermit,
-        ticket: std::sync::Arc<HandshakeTicket>,
+        ticket: std::sync::Arc<ConnTicket>,
     ) -> Self {
         let evict: Eviction = Box::pin(std::sync::Arc::clone(&ticket.evict).notified_owned());
         AuthorityShim {
@@ -443,24 +465,14 @@ impl<S> AuthorityShim<S> {
         }
     }
 
-    /// Wraps a connection with no deadline or slot (tests).
-    pub fn unbounded(inner: S) -> Self {
-        AuthorityShim {
-            inner,
-            rewriter: Rewriter::new(),
-            eof: false,
-            deadline: None,
-            idle: std::time::Duration::MAX,
-            seen_requests: 0,
-            handshaken: false,
-            _slot: None,
-            ticket: None,
-        }
-    }
-
     /// The wrapped connection.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The accept loop's ticket for this connection, if it has one.
+    pub fn ticket(&self) -> Option<&std::sync::Arc<ConnTicket>> {
+        self.ticket.as_ref().map(|(t, _)| t)
     }
 }
 
@@ -482,18 +494,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if let Some((ticket, evict)) = this.ticket.as_mut() {
-            if this.rewriter.stage != Stage::Preface {
+            if this.rewriter.stage != Stage::Preface
+                && !ticket.handshaken.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                ticket.mark_idle_now();
                 ticket
-                    .done
+                    .handshaken
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            if evict.as_mut().poll(cx).is_ready() {
+                // Polled once more, the finished signal would panic: drop it with the ticket.
+                ticket
+                    .closed
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 this.ticket = None;
-            } else if evict.as_mut().poll(cx).is_ready() {
-                tracing::debug!(
-                    "evicting a connection still in its handshake: every connection slot is taken"
-                );
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "evicted: all connection slots taken and this connection had not sent its HTTP/2 preface",
+                    "evicted: all connection slots taken and this connection was idle",
                 )));
             }
         }

@@ -1,7 +1,9 @@
-//! The request guard: a tower layer around every RPC that bounds requests in flight (shedding
-//! the excess with `ResourceExhausted` rather than queueing without bound), enforces a
-//! per-request deadline, reports an oversized message as `ResourceExhausted`, and records each
-//! request's metrics.
+//! The request guard: a tower layer around every RPC that bounds requests in flight, overall
+//! and per peer uid (shedding the excess with `ResourceExhausted` rather than queueing without
+//! bound), enforces a per-request deadline, answers what is not a well-formed gRPC call with
+//! `InvalidArgument`/`Unimplemented` (not `Internal`), reports an oversized message as
+//! `ResourceExhausted`, keeps each connection's open-request count (so an idle connection can
+//! be told apart), and records each request's metrics.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,26 +11,48 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
 use tokio::sync::Semaphore;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
+use super::authority::ConnTicket;
+use super::incoming::ConnInfo;
 use crate::telemetry::metrics::Metrics;
 
 /// Shared limits and sinks for every connection's guard.
 pub struct GuardConfig {
     /// Requests allowed in flight across all connections.
     pub max_in_flight: usize,
+    /// The fraction of `max_in_flight` one peer uid may hold (1.0: no per-peer limit).
+    pub max_in_flight_share: f64,
     /// Longest a request may take.
     pub timeout: Duration,
     /// Where request metrics go.
     pub metrics: Arc<Metrics>,
 }
 
+impl GuardConfig {
+    /// Requests one peer uid may have in flight.
+    pub fn per_peer_limit(&self) -> usize {
+        if self.max_in_flight_share >= 1.0 {
+            return self.max_in_flight;
+        }
+        ((self.max_in_flight as f64 * self.max_in_flight_share).floor() as usize).max(1)
+    }
+}
+
+/// Requests in flight per peer uid.
+type PeerCounts = Arc<Mutex<HashMap<u32, usize>>>;
+
 /// The layer; clone it freely.
 #[derive(Clone)]
 pub struct GuardLayer {
     permits: Arc<Semaphore>,
+    per_peer: PeerCounts,
     config: Arc<GuardConfig>,
 }
 
@@ -37,8 +61,16 @@ impl GuardLayer {
     pub fn new(config: GuardConfig) -> Self {
         GuardLayer {
             permits: Arc::new(Semaphore::new(config.max_in_flight)),
+            per_peer: PeerCounts::default(),
             config: Arc::new(config),
         }
+    }
+
+    /// Requests in flight right now, across every connection (what a drain waits for).
+    pub fn in_flight(&self) -> usize {
+        self.config
+            .max_in_flight
+            .saturating_sub(self.permits.available_permits())
     }
 }
 
@@ -49,6 +81,7 @@ impl<S> Layer<S> for GuardLayer {
         Guard {
             inner,
             permits: Arc::clone(&self.permits),
+            per_peer: Arc::clone(&self.per_peer),
             config: Arc::clone(&self.config),
         }
     }
@@ -59,7 +92,90 @@ impl<S> Layer<S> for GuardLayer {
 pub struct Guard<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    per_peer: PeerCounts,
     config: Arc<GuardConfig>,
+}
+
+/// One request's share of its peer's in-flight count, returned on drop.
+struct PeerSlot {
+    counts: PeerCounts,
+    uid: u32,
+}
+
+impl PeerSlot {
+    /// Takes a slot for `uid` unless it already holds `limit`.
+    fn try_take(counts: &PeerCounts, uid: u32, limit: usize) -> Option<PeerSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(uid).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: Arc::clone(counts),
+            uid,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// A request open on a connection: counted on the connection's ticket while it lives.
+struct OpenRequest(Option<Arc<ConnTicket>>);
+
+impl OpenRequest {
+    fn start(ticket: Option<Arc<ConnTicket>>) -> Self {
+        if let Some(t) = &ticket {
+            t.active.fetch_add(1, Ordering::Relaxed);
+        }
+        OpenRequest(ticket)
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.mark_idle_now();
+            t.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why a request is not a gRPC call this server can take, if it is not.
+fn not_grpc<B>(req: &http::Request<B>) -> Option<Status> {
+    if req.method() != http::Method::POST {
+        return Some(Status::unimplemented(format!(
+            "{} is not a gRPC call: this socket serves only the KMS gRPC API (POST with content-type application/grpc)",
+            req.method()
+        )));
+    }
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let grpc = content_type == b"application/grpc"
+        || content_type.starts_with(b"application/grpc+")
+        || content_type.starts_with(b"application/grpc;");
+    (!grpc).then(|| {
+        Status::invalid_argument(format!(
+            "content-type {:?} is not a gRPC content type; send application/grpc",
+            String::from_utf8_lossy(content_type)
+                .chars()
+                .take(64)
+                .collect::<String>()
+        ))
+    })
 }
 
 /// `(api, method)` for a gRPC path, with static strings for metric labels.
@@ -106,26 +222,45 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (api, method) = classify(req.uri().path());
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        let open = OpenRequest::start(conn.as_ref().and_then(|c| c.ticket.clone()));
+        let uid = conn.and_then(|c| c.peer).map_or(u32::MAX, |p| p.uid);
+        let rejected = not_grpc(&req);
         let permit = Arc::clone(&self.permits).try_acquire_owned();
         let config = Arc::clone(&self.config);
+        let peer_slot = match (&rejected, &permit) {
+            (None, Ok(_)) => {
+                PeerSlot::try_take(&self.per_peer, uid, config.per_peer_limit()).ok_or(())
+            }
+            _ => Err(()),
+        };
         Box::pin(async move {
+            let _open = open;
             let start = Instant::now();
-            let response = match permit {
-                Err(_) => Status::resource_exhausted(format!(
+            let response = match (rejected, permit, peer_slot) {
+                (Some(status), _, _) => status.into_http(),
+                (None, Err(_), _) => Status::resource_exhausted(format!(
                     "server busy: {} requests already in flight; retry shortly",
                     config.max_in_flight
                 ))
                 .into_http(),
-                Ok(_permit) => match tokio::time::timeout(config.timeout, inner.call(req)).await {
-                    Ok(result) => result?,
-                    Err(_) => Status::deadline_exceeded(format!(
-                        "request took longer than {} ms",
-                        config.timeout.as_millis()
-                    ))
-                    .into_http(),
-                },
+                (None, Ok(_), Err(())) => Status::resource_exhausted(format!(
+                    "server busy: peer uid {uid} already has {} requests in flight, its share (--max-in-flight-share) of --max-in-flight; retry shortly",
+                    config.per_peer_limit()
+                ))
+                .into_http(),
+                (None, Ok(_permit), Ok(_slot)) => {
+                    match tokio::time::timeout(config.timeout, inner.call(req)).await {
+                        Ok(result) => result?,
+                        Err(_) => Status::deadline_exceeded(format!(
+                            "request took longer than {} ms",
+                            config.timeout.as_millis()
+                        ))
+                        .into_http(),
+                    }
+                }
             };
-            let response = oversized_is_resource_exhausted(response);
+            let response = malformed_is_invalid_argument(oversized_is_resource_exhausted(response));
             let code = response
                 .headers()
                 .get("grpc-status")
@@ -158,9 +293,90 @@ fn oversized_is_resource_exhausted(
     response
 }
 
+/// tonic answers a body that is not valid protobuf, or a call with no message at all, with
+/// `Internal`; both are the caller's mistake, so localkms answers `InvalidArgument` (its own
+/// handlers never return `Internal` with these messages).
+fn malformed_is_invalid_argument(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let internal = response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"13");
+    if !internal {
+        return response;
+    }
+    let message = response
+        .headers()
+        .get("grpc-message")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).replace("%20", " "))
+        .unwrap_or_default();
+    let replacement = if message.starts_with("failed to decode Protobuf message") {
+        "request body is not a valid protobuf message for this method"
+    } else if message.starts_with("Missing request message") {
+        "request has no message: a unary call must send exactly one"
+    } else {
+        return response;
+    };
+    let headers = response.headers_mut();
+    headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+    if let Ok(v) = http::HeaderValue::from_str(&replacement.replace(' ', "%20")) {
+        headers.insert("grpc-message", v);
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_peer_limits() {
+        let config = |share| GuardConfig {
+            max_in_flight: 64,
+            max_in_flight_share: share,
+            timeout: Duration::from_secs(1),
+            metrics: Arc::new(Metrics::new()),
+        };
+        assert_eq!(config(0.5).per_peer_limit(), 32);
+        assert_eq!(config(1.0).per_peer_limit(), 64);
+        assert_eq!(config(0.001).per_peer_limit(), 1);
+        let counts = PeerCounts::default();
+        let a: Vec<_> = (0..2)
+            .map(|_| PeerSlot::try_take(&counts, 7, 2).expect("slot"))
+            .collect();
+        assert!(
+            PeerSlot::try_take(&counts, 7, 2).is_none(),
+            "uid 7 is at its share"
+        );
+        assert!(PeerSlot::try_take(&counts, 8, 2).is_some(), "uid 8 is not");
+        drop(a);
+        assert!(
+            PeerSlot::try_take(&counts, 7, 2).is_some(),
+            "slots come back"
+        );
+    }
+
+    #[test]
+    fn non_grpc_requests_are_named() {
+        let get = http::Request::get("/v2.KeyManagementService/Status")
+            .body(())
+            .expect("req");
+        assert_eq!(not_grpc(&get).map(|s| s.code()), Some(Code::Unimplemented));
+        let json = http::Request::post("/v2.KeyManagementService/Status")
+            .header("content-type", "application/json")
+            .body(())
+            .expect("req");
+        assert_eq!(
+            not_grpc(&json).map(|s| s.code()),
+            Some(Code::InvalidArgument)
+        );
+        let ok = http::Request::post("/v2.KeyManagementService/Status")
+            .header("content-type", "application/grpc+proto")
+            .body(())
+            .expect("req");
+        assert!(not_grpc(&ok).is_none());
+    }
 
     #[test]
     fn paths_classify() {

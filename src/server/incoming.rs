@@ -10,11 +10,14 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use super::authority::{AuthorityShim, HandshakeTicket};
+use super::authority::{AuthorityShim, ConnTicket};
 
 /// How long a new connection has to get its HTTP/2 preface read before it may be evicted to
 /// make room for another.
 const EVICTION_GRACE: Duration = Duration::from_millis(100);
+/// How long a handshaken connection must have had no request open before it may be evicted
+/// to make room for another (a client that just connected sends its first request at once).
+const IDLE_EVICTION_GRACE: Duration = Duration::from_millis(500);
 
 /// Who is on the other end of a connection, from SO_PEERCRED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,12 +33,48 @@ pub struct PeerInfo {
 /// A connection as tonic sees it.
 pub type Connection = AuthorityShim<UnixStream>;
 
+/// What the request guard learns about the connection a request came on (tonic puts it in
+/// every request's extensions).
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// The peer, from SO_PEERCRED.
+    pub peer: Option<PeerInfo>,
+    /// The connection's ticket, where the guard counts open requests.
+    pub ticket: Option<Arc<ConnTicket>>,
+}
+
 impl Connected for AuthorityShim<UnixStream> {
-    type ConnectInfo = Option<PeerInfo>;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        peer_of(self.get_ref())
+        ConnInfo {
+            peer: self
+                .ticket()
+                .and_then(|t| t.peer)
+                .or_else(|| peer_of(self.get_ref())),
+            ticket: self.ticket().cloned(),
+        }
     }
+}
+
+/// Picks the connection to evict when every slot is taken: the oldest one still in its
+/// handshake after [`EVICTION_GRACE`], else the one idle longest (at least
+/// [`IDLE_EVICTION_GRACE`], with no request open). Connections that are gone are dropped from
+/// `open` on the way.
+fn pick_victim(open: &mut VecDeque<Arc<ConnTicket>>) -> Option<Arc<ConnTicket>> {
+    open.retain(|t| !t.closed.load(Ordering::Relaxed));
+    let handshaking = open.iter().position(|t| {
+        !t.handshaken.load(Ordering::Relaxed) && t.accepted.elapsed() >= EVICTION_GRACE
+    });
+    let pos = handshaking.or_else(|| {
+        open.iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.idle_for().map(|idle| (i, idle)))
+            .filter(|(_, idle)| *idle >= IDLE_EVICTION_GRACE)
+            .max_by_key(|(_, idle)| *idle)
+            .map(|(i, _)| i)
+    })?;
+    open.remove(pos)
 }
 
 /// Who may connect, and how many at once.
@@ -102,25 +141,34 @@ pub fn accept_stream(
     let (tx, rx) = mpsc::channel(16);
     let slots = Arc::new(Semaphore::new(policy.max_connections.max(1)));
     tokio::spawn(async move {
-        let mut handshaking: VecDeque<Arc<HandshakeTicket>> = VecDeque::new();
+        let mut open: VecDeque<Arc<ConnTicket>> = VecDeque::new();
+        // Evictions are logged at most once a second, with a count, so a flood cannot flood
+        // the log too.
+        let mut last_eviction_log: Option<std::time::Instant> = None;
+        let mut unlogged_evictions = 0u64;
         loop {
             let slot = loop {
                 if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
                     break slot;
                 }
-                // Every slot is taken: make room by evicting the oldest connection that has
-                // not sent its HTTP/2 preface in EVICTION_GRACE, then wait for a slot to free
-                // up (or for the next candidate to come of age).
-                handshaking.retain(|t| {
-                    !t.done.load(Ordering::Relaxed) && !t.closed.load(Ordering::Relaxed)
-                });
-                if let Some(pos) = handshaking
-                    .iter()
-                    .position(|t| t.accepted.elapsed() >= EVICTION_GRACE)
-                {
-                    if let Some(victim) = handshaking.remove(pos) {
-                        victim.evict.notify_one();
+                // Every slot is taken: make room by evicting a connection that is doing
+                // nothing, then wait for a slot to free up (or for the next candidate).
+                if let Some(victim) = pick_victim(&mut open) {
+                    unlogged_evictions += 1;
+                    if last_eviction_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_eviction_log = Some(std::time::Instant::now());
+                        let peer = victim.peer;
+                        tracing::warn!(
+                            uid = peer.map(|p| p.uid),
+                            pid = peer.and_then(|p| p.pid),
+                            in_handshake = !victim.handshaken.load(Ordering::Relaxed),
+                            evictions = unlogged_evictions,
+                            max_connections = policy.max_connections,
+                            "every connection slot is taken: closed the longest-idle connection to make room (evictions counts those since the last such message)"
+                        );
+                        unlogged_evictions = 0;
                     }
+                    victim.evict.notify_one();
                 }
                 tokio::select! {
                     _ = tx.closed() => return,
@@ -156,13 +204,11 @@ pub fn accept_stream(
                         drop(stream);
                         continue;
                     }
-                    let ticket = Arc::new(HandshakeTicket::new());
-                    if handshaking.len() >= 2 * policy.max_connections {
-                        handshaking.retain(|t| {
-                            !t.done.load(Ordering::Relaxed) && !t.closed.load(Ordering::Relaxed)
-                        });
+                    let ticket = Arc::new(ConnTicket::new(peer));
+                    if open.len() >= 2 * policy.max_connections {
+                        open.retain(|t| !t.closed.load(Ordering::Relaxed));
                     }
-                    handshaking.push_back(Arc::clone(&ticket));
+                    open.push_back(Arc::clone(&ticket));
                     let conn = AuthorityShim::new(
                         stream,
                         policy.handshake_timeout,

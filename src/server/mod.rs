@@ -53,6 +53,9 @@ pub enum ServerError {
     /// The keystore loaded but cannot serve.
     #[error("keystore {0} loaded but its primary key failed the self-test round trip")]
     SelfTest(PathBuf),
+    /// A world-writable socket with no allow list.
+    #[error("--socket-mode {0:04o} lets every local user call the plugin and there is no --allow-uid/--allow-gid list: anyone on the node could decrypt the cluster's secrets. Use --socket-mode 0600 (or 0660 with --socket-group), add --allow-uid/--allow-gid, or pass --allow-world if that is really intended")]
+    WorldSocket(u32),
     /// The metrics listener could not start.
     #[error(transparent)]
     Http(#[from] endpoints::HttpError),
@@ -68,6 +71,8 @@ pub struct Limits {
     pub accept: AcceptPolicy,
     /// Requests in flight across all connections before new ones are shed.
     pub max_in_flight: usize,
+    /// The fraction of `max_in_flight` one peer uid may hold.
+    pub max_in_flight_share: f64,
     /// Longest a single request may take.
     pub request_timeout: Duration,
     /// Interval of HTTP/2 keepalive pings; a peer that does not answer within
@@ -82,6 +87,7 @@ impl Default for Limits {
         Limits {
             accept: AcceptPolicy::default(),
             max_in_flight: 1024,
+            max_in_flight_share: 0.5,
             request_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
@@ -104,9 +110,11 @@ pub async fn run(
     let v1 = V1Server::new(V1Service::new(keyring)).max_decoding_message_size(MAX_REQUEST_BYTES);
     let guard = GuardLayer::new(GuardConfig {
         max_in_flight: limits.max_in_flight,
+        max_in_flight_share: limits.max_in_flight_share,
         timeout: limits.request_timeout,
         metrics: Arc::clone(&metrics),
     });
+    let in_flight = guard.clone();
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
@@ -127,14 +135,27 @@ pub async fn run(
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => result?,
-        _ = async {
-            if draining_rx.await.is_ok() {
-                tokio::time::sleep(DRAIN_DEADLINE).await;
-            } else {
+        drained = async {
+            if draining_rx.await.is_err() {
                 std::future::pending::<()>().await;
             }
+            // Connections close as their clients take the GOAWAY; one that ignores it must not
+            // hold the exit for the whole deadline once nothing is in flight.
+            let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while tokio::time::Instant::now() < deadline {
+                if in_flight.in_flight() == 0 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
         } => {
-            tracing::warn!(deadline_s = DRAIN_DEADLINE.as_secs(), "in-flight calls did not finish before the drain deadline; stopping anyway");
+            if drained {
+                tracing::info!("nothing in flight: closing the connections still open");
+            } else {
+                tracing::warn!(deadline_s = DRAIN_DEADLINE.as_secs(), "in-flight calls did not finish before the drain deadline; stopping anyway");
+            }
         }
     }
     Ok(())
@@ -148,6 +169,8 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     /// Group to give the socket file, for an apiserver running as another user.
     pub socket_group: Option<u32>,
+    /// Allow a socket any local user can connect to, with no allow list.
+    pub allow_world: bool,
     /// Keystore: a file, or a key in etcd.
     pub keystore: KeystoreLocation,
     /// TLS for an etcd keystore.
@@ -174,27 +197,27 @@ pub struct ServeConfig {
     pub insecure_skip_file_checks: bool,
 }
 
-/// Refuses to serve a keystore that other users could read or replace.
-fn check_keystore_file(path: &std::path::Path) -> Result<(), KeystoreError> {
-    let meta = std::fs::metadata(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            KeystoreError::NotFound(path.to_owned())
-        } else {
-            KeystoreError::Io {
-                path: path.to_owned(),
-                source,
-            }
-        }
-    })?;
-    keystore::root_key::check_private(path, &meta).map_err(KeystoreError::from)
+/// Refuses a socket file every local user may connect to with no caller allow list, unless
+/// the operator said so with `--allow-world`.
+fn check_socket_exposure(config: &ServeConfig) -> Result<(), ServerError> {
+    let world_writable = config.socket_mode & 0o002 != 0;
+    if matches!(config.socket, socket::Endpoint::Path(_))
+        && world_writable
+        && !config.limits.accept.restricts_peers()
+        && !config.allow_world
+    {
+        return Err(ServerError::WorldSocket(config.socket_mode));
+    }
+    Ok(())
 }
 
 /// `serve --check-config`: everything `serve` checks before it binds, without serving.
 /// Returns a summary of what would be served.
 pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
+    check_socket_exposure(config)?;
     let store = Store::open(&config.keystore, &config.etcd_tls)?;
     if let (Store::File(path), false) = (&store, config.insecure_skip_file_checks) {
-        check_keystore_file(path)?;
+        keystore::file::check_private_file(path)?;
     }
     let root = RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?;
     let ks = store.load(&root).await?;
@@ -204,9 +227,9 @@ pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
         return Err(ServerError::SelfTest(store.name()));
     }
     if let Some(addr) = config.metrics_addr {
-        if !addr.ip().is_loopback() && !config.metrics_allow_non_loopback {
-            return Err(endpoints::HttpError::NotLoopback(addr).into());
-        }
+        // Binding for real (and letting go at once) is the only sure test: the port may be
+        // taken, or the address not on this host.
+        drop(endpoints::bind(addr, config.metrics_allow_non_loopback).await?);
     }
     socket::check_bindable(&config.socket)?;
     Ok(format!(
@@ -271,13 +294,14 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    check_socket_exposure(&config)?;
     let store = Store::open(&config.keystore, &config.etcd_tls)?;
     if config.insecure_skip_file_checks {
         tracing::warn!(
             "--insecure-skip-file-checks: NOT checking who owns or can read the keystore"
         );
     } else if let Store::File(path) = &store {
-        check_keystore_file(path)?;
+        keystore::file::check_private_file(path)?;
     }
     if let Some(dir) = &config.cache_dir {
         let mut builder = std::fs::DirBuilder::new();
@@ -293,7 +317,16 @@ pub async fn serve(
     let usage = match usage::read_usage(&usage_path) {
         Ok(file) => UsageTracker::from_file(&file),
         Err(e) => {
-            tracing::warn!(error = %e, "starting key usage counts from zero");
+            // Never overwrite what may be the only record of a key's use: move it aside. The
+            // fresh count starts now, so `keys destroy` waits a full window before trusting it.
+            match usage::move_aside(&usage_path) {
+                Ok(aside) => {
+                    tracing::warn!(error = %e, moved_to = %aside.display(), "the usage file is unreadable: moved it aside and counting decrypt usage afresh from now")
+                }
+                Err(move_err) => {
+                    tracing::warn!(error = %e, move_error = %move_err, "the usage file is unreadable and could not be moved aside; counting afresh from now")
+                }
+            }
             UsageTracker::default()
         }
     };
@@ -308,20 +341,12 @@ pub async fn serve(
         .map(|id| id.to_string())
         .unwrap_or_default();
     let keyring = SharedKeyring::new(ring);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::for_store(matches!(store, Store::Etcd(_))));
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(endpoints::bind(addr, config.metrics_allow_non_loopback).await?),
         None => None,
     };
-    let (listener, guard) = socket::bind(&config.socket, config.socket_mode)?;
-    if let (Some(gid), socket::Endpoint::Path(path)) = (config.socket_group, &config.socket) {
-        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
-            socket::SocketError::Io {
-                path: path.clone(),
-                source: e.into(),
-            }
-        })?;
-    }
+    let (listener, guard) = socket::bind(&config.socket, config.socket_mode, config.socket_group)?;
     tracing::info!(
         socket = %config.socket,
         keystore = %config.keystore,
@@ -336,6 +361,10 @@ pub async fn serve(
             allow_uids = ?accept.allow_uids,
             allow_gids = ?accept.allow_gids,
             "only these peers may call (checked with SO_PEERCRED on every connection)"
+        ),
+        (socket::Endpoint::Path(_), false) if config.socket_mode & 0o002 != 0 => tracing::warn!(
+            mode = format_args!("{:04o}", config.socket_mode),
+            "WORLD-WRITABLE SOCKET (--allow-world) and no caller allow-list: every local user can call the plugin and decrypt the cluster's secrets"
         ),
         (socket::Endpoint::Path(_), false) => tracing::info!(
             mode = format_args!("{:04o}", config.socket_mode),
@@ -352,9 +381,6 @@ pub async fn serve(
         );
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let reloader = Reloader::new(store.clone(), Arc::clone(&root), keyring.clone(), history)
-        .with_cache_dir(config.cache_dir.clone())
-        .with_rotate_after(config.rotate_after);
     if let Store::Etcd(etcd) = &store {
         if config.cache_dir.is_none() {
             tracing::warn!("no --cache-dir: this server cannot start while etcd is unreachable");
@@ -371,11 +397,20 @@ pub async fn serve(
             },
         ));
     }
-    let reload_counters = reloader.counters();
-    let mut reload_stop = stop_rx.clone();
-    let watcher = tokio::spawn(reloader.watch(async move {
-        let _ = reload_stop.wait_for(|stop| *stop).await;
-    }));
+    let reload_counters = Arc::new(crate::reload::ReloadCounters::default());
+    let watcher = tokio::spawn(supervise_reloader(
+        ReloaderSpec {
+            store: store.clone(),
+            root: Arc::clone(&root),
+            keyring: keyring.clone(),
+            history,
+            cache_dir: config.cache_dir.clone(),
+            rotate_after: config.rotate_after,
+            check_files: !config.insecure_skip_file_checks,
+            counters: Arc::clone(&reload_counters),
+        },
+        stop_rx.clone(),
+    ));
     let http_task = metrics_listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /livez");
@@ -410,6 +445,51 @@ pub async fn serve(
         let _ = task.await;
     }
     drop(guard);
-    tracing::info!(socket = %config.socket, "stopped; socket removed");
+    tracing::info!(socket = %config.socket, "stopped");
     result
+}
+
+/// What it takes to build the reload task again.
+struct ReloaderSpec {
+    store: Store,
+    root: Arc<RootKeyProvider>,
+    keyring: SharedKeyring,
+    history: Vec<crate::keystore::HistoryEntry>,
+    cache_dir: Option<PathBuf>,
+    rotate_after: Option<Duration>,
+    check_files: bool,
+    counters: Arc<crate::reload::ReloadCounters>,
+}
+
+/// Runs the reload task until `stop`, starting it again if it ever dies (a panic), so a bug in
+/// one reload cannot leave the server deaf to rotations, SIGHUP and its own schedule.
+async fn supervise_reloader(spec: ReloaderSpec, stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let history = spec.history.clone();
+        let reloader = Reloader::new(
+            spec.store.clone(),
+            Arc::clone(&spec.root),
+            spec.keyring.clone(),
+            history,
+        )
+        .with_cache_dir(spec.cache_dir.clone())
+        .with_rotate_after(spec.rotate_after)
+        .with_file_checks(spec.check_files)
+        .with_counters(Arc::clone(&spec.counters));
+        let mut task_stop = stop.clone();
+        let task = tokio::spawn(reloader.watch(async move {
+            let _ = task_stop.wait_for(|stop| *stop).await;
+        }));
+        match task.await {
+            Ok(()) => return,
+            Err(e) if *stop.borrow() => {
+                tracing::error!(error = %e, "the reload task failed while stopping");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the reload task died; starting it again (still serving the loaded keyring)");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }

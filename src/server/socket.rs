@@ -19,6 +19,16 @@ pub enum SocketError {
     /// Something other than a socket occupies the path.
     #[error("{0} exists and is not a socket; refusing to replace it: remove it or pass a different --socket")]
     NotASocket(PathBuf),
+    /// The socket (or its directory) cannot be given to `--socket-group`.
+    #[error("cannot give {path} to group {gid} (--socket-group): {source}. Changing a file's group to one this process is not a member of needs CAP_CHOWN: add it (systemd: CapabilityBoundingSet=CAP_IPC_LOCK CAP_CHOWN and AmbientCapabilities=CAP_CHOWN; a pod: securityContext.capabilities.add: [CHOWN]), or run localkms with that group as a supplementary group (systemd: SupplementaryGroups=), or create the socket directory beforehand owned by that group with mode 2750 (setgid), so the socket inherits the group with no chown")]
+    Group {
+        /// The file.
+        path: PathBuf,
+        /// The group.
+        gid: u32,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// Any other I/O failure.
     #[error("cannot listen on {path}: {source}")]
     Io {
@@ -106,24 +116,51 @@ impl Drop for SocketGuard {
         };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if (meta.dev(), meta.ino()) == *dev_ino {
-                if let Err(e) = std::fs::remove_file(path) {
-                    tracing::warn!(socket = %path.display(), error = %e, "could not remove the socket file");
+                match std::fs::remove_file(path) {
+                    Ok(()) => tracing::info!(socket = %path.display(), "socket removed"),
+                    Err(e) => {
+                        tracing::warn!(socket = %path.display(), error = %e, "could not remove the socket file")
+                    }
                 }
             }
         }
     }
 }
 
-/// Binds `path` with the given file mode: creates the parent directory (0700) if missing,
+/// Binds `path` with the given file mode: creates the parent directory if missing (0700, or
+/// setgid 2750 owned by `group` when one is given, so its members can reach the socket),
 /// removes a stale socket left by a dead process, and refuses a live one or a non-socket file.
+/// With `group`, the socket file is given to that group (unless it inherited it already).
 ///
 /// The socket is created under a restrictive umask, so it is never reachable with a wider
 /// mode, not even for the instant before `chmod`.
-pub fn bind(endpoint: &Endpoint, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
+pub fn bind(
+    endpoint: &Endpoint,
+    mode: u32,
+    group: Option<u32>,
+) -> Result<(UnixListener, SocketGuard), SocketError> {
     match endpoint {
-        Endpoint::Path(path) => bind_path(path, mode),
+        Endpoint::Path(path) => bind_path(path, mode, group),
         Endpoint::Abstract(name) => bind_abstract(name),
     }
+}
+
+/// Gives `path` to `gid` unless it already belongs to it.
+fn give_to_group(path: &Path, gid: u32) -> Result<(), SocketError> {
+    let meta = std::fs::metadata(path).map_err(|source| SocketError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.gid() == gid {
+        return Ok(());
+    }
+    rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+        SocketError::Group {
+            path: path.to_owned(),
+            gid,
+            source: e.into(),
+        }
+    })
 }
 
 /// Abstract sockets have no file: nothing to chmod, nothing stale to remove (the kernel drops
@@ -148,7 +185,11 @@ fn bind_abstract(name: &str) -> Result<(UnixListener, SocketGuard), SocketError>
     Ok((listener, SocketGuard { file: None }))
 }
 
-fn bind_path(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
+fn bind_path(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> Result<(UnixListener, SocketGuard), SocketError> {
     let io = |source| SocketError::Io {
         path: path.to_owned(),
         source,
@@ -160,6 +201,14 @@ fn bind_path(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), Sock
                 .mode(0o700)
                 .create(dir)
                 .map_err(io)?;
+            if let Some(gid) = group {
+                // Members of the group may enter the directory (not list or write it); setgid
+                // so a socket created here later inherits the group.
+                give_to_group(dir, gid)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o2750))
+                    .map_err(io)?;
+                tracing::info!(dir = %dir.display(), gid, "created the socket directory with mode 2750 for --socket-group");
+            }
         }
     }
     remove_if_stale(path)?;
@@ -173,11 +222,14 @@ fn bind_path(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), Sock
             io(e)
         }
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     let meta = std::fs::symlink_metadata(path).map_err(io)?;
     let guard = SocketGuard {
         file: Some((path.to_owned(), (meta.dev(), meta.ino()))),
     };
+    if let Some(gid) = group {
+        give_to_group(path, gid)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     std_listener.set_nonblocking(true).map_err(io)?;
     let listener = UnixListener::from_std(std_listener).map_err(io)?;
     Ok((listener, guard))
@@ -295,7 +347,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub").join("kms.sock");
         let ep = Endpoint::Path(path.clone());
-        let (listener, guard) = bind(&ep, 0o600).expect("bind");
+        let (listener, guard) = bind(&ep, 0o600, None).expect("bind");
         let meta = std::fs::metadata(&path).expect("stat");
         assert_eq!(meta.mode() & 0o777, 0o600);
         let dir_mode = std::fs::metadata(path.parent().expect("parent"))
@@ -303,7 +355,7 @@ mod tests {
             .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
         // A second bind while the first listens is refused.
-        assert!(matches!(bind(&ep, 0o600), Err(SocketError::InUse(_))));
+        assert!(matches!(bind(&ep, 0o600, None), Err(SocketError::InUse(_))));
         drop(listener);
         drop(guard);
         assert!(!path.exists());
@@ -317,12 +369,12 @@ mod tests {
         drop(stale); // the file stays, nobody listens
         assert!(path.exists());
         let (_listener, _guard) =
-            bind(&Endpoint::Path(path), 0o600).expect("stale socket replaced");
+            bind(&Endpoint::Path(path), 0o600, None).expect("stale socket replaced");
 
         let file = dir.path().join("not-a-socket");
         std::fs::write(&file, b"x").expect("write");
         assert!(matches!(
-            bind(&Endpoint::Path(file.clone()), 0o600),
+            bind(&Endpoint::Path(file.clone()), 0o600, None),
             Err(SocketError::NotASocket(_))
         ));
         assert!(file.exists());
@@ -337,8 +389,8 @@ mod abstract_tests {
     async fn abstract_sockets_bind_connect_and_refuse_a_second_server() {
         let name = format!("localkms-test-{}", std::process::id());
         let ep = Endpoint::Abstract(name);
-        let (_listener, _guard) = bind(&ep, 0o600).expect("bind");
+        let (_listener, _guard) = bind(&ep, 0o600, None).expect("bind");
         ep.connect_std().expect("connect");
-        assert!(matches!(bind(&ep, 0o600), Err(SocketError::InUse(_))));
+        assert!(matches!(bind(&ep, 0o600, None), Err(SocketError::InUse(_))));
     }
 }

@@ -38,10 +38,32 @@ pub fn log_request(
     tracing::debug!(
         api,
         method,
-        uid = %uid.chars().take(128).collect::<String>(),
-        key_id = %key_id.chars().take(80).collect::<String>(),
+        uid = %printable(uid, 128),
+        key_id = %printable(key_id, 80),
         code = crate::telemetry::metrics::code_name(code),
         latency_us = start.elapsed().as_micros() as u64,
         "request"
     );
+}
+
+/// A caller-supplied string made safe for a log line: at most `max` characters, with control
+/// characters (newlines, ANSI escapes) and quotes escaped, so a caller cannot forge lines or
+/// recolour a terminal.
+pub fn printable(s: &str, max: usize) -> String {
+    s.chars().take(max).flat_map(char::escape_debug).collect()
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let forged = "abc\n2026-11-27T00:00:00Z  INFO fake line \u{1b}[31mred";
+        let out = printable(forged, 128);
+        assert!(!out.contains('\n') && !out.contains('\u{1b}'), "{out}");
+        assert!(out.contains("\\n") && out.contains("\\u{1b}"), "{out}");
+        assert_eq!(printable("uid-1234", 128), "uid-1234");
+        assert_eq!(printable(&"x".repeat(500), 128).len(), 128);
+    }
 }

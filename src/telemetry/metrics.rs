@@ -77,6 +77,7 @@ pub struct Metrics {
     rejected_peers: Counter,
     cluster_nodes: Gauge,
     cluster_converged: Gauge,
+    log_write_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -110,8 +111,14 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Registers every metric for a file keystore (no cluster metrics).
     pub fn new() -> Self {
+        Self::for_store(false)
+    }
+
+    /// Registers every metric; the cluster ones (`localkms_cluster_*`) only for an etcd
+    /// keystore, where they mean something.
+    pub fn for_store(etcd: bool) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -168,16 +175,24 @@ impl Metrics {
             rejected_peers.clone(),
         );
         let cluster_nodes = Gauge::default();
-        registry.register(
-            "localkms_cluster_nodes",
-            "etcd keystores: live nodes publishing their keystore state",
-            cluster_nodes.clone(),
-        );
         let cluster_converged = Gauge::default();
+        if etcd {
+            registry.register(
+                "localkms_cluster_nodes",
+                "etcd keystores: live nodes publishing their keystore state",
+                cluster_nodes.clone(),
+            );
+            registry.register(
+                "localkms_cluster_converged",
+                "etcd keystores: 1 when every live node has loaded the same keystore generation",
+                cluster_converged.clone(),
+            );
+        }
+        let log_write_errors = Counter::default();
         registry.register(
-            "localkms_cluster_converged",
-            "etcd keystores: 1 when every live node has loaded the same keystore generation",
-            cluster_converged.clone(),
+            "localkms_log_write_errors",
+            "Log lines dropped because stderr could not be written (a closed pipe, a full disk)",
+            log_write_errors.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build
@@ -203,6 +218,7 @@ impl Metrics {
             rejected_peers,
             cluster_nodes,
             cluster_converged,
+            log_write_errors,
         }
     }
 
@@ -296,6 +312,9 @@ impl Metrics {
                 .inner()
                 .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        self.log_write_errors
+            .inner()
+            .store(crate::telemetry::log_write_errors(), Ordering::Relaxed);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -333,9 +352,16 @@ mod tests {
             "localkms_keystore_reloads_total{result=\"failed\"} 0",
             "localkms_rejected_peers_total 1",
             "localkms_build_info{version=",
+            "localkms_log_write_errors_total",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+        assert!(
+            !text.contains("localkms_cluster_converged"),
+            "file keystores have no cluster"
+        );
+        let etcd = Metrics::for_store(true).render(&ring, &ReloadCounters::default());
+        assert!(etcd.contains("localkms_cluster_converged"), "{etcd}");
         assert_eq!(m.requests("v2", "Encrypt", tonic::Code::Ok), 1);
     }
 }

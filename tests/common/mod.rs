@@ -117,14 +117,47 @@ impl Server {
     }
 
     fn launch(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
+        cmd.stdout(Stdio::null());
+        Self::launch_with_stdout(cmd, socket, log)
+    }
+
+    fn launch_with_stdout(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Server {
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = cmd
             .env("LOCALKMS_LOG_LEVEL", "debug")
-            .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("spawn serve");
         Server { child, socket, log }
+    }
+
+    /// As [`spawn`](Self::spawn), with the server's stdout written to `stdout`.
+    pub fn spawn_with_stdout(
+        mut cmd: Command,
+        socket: PathBuf,
+        log: PathBuf,
+        stdout: &Path,
+    ) -> Server {
+        cmd.stdout(std::fs::File::create(stdout).expect("stdout file"));
+        let mut server = Self::launch_with_stdout(cmd, socket, log);
+        server.wait_ready();
+        server
+    }
+
+    /// Waits until Status answers on the socket, without reading the log (for servers whose
+    /// stderr goes elsewhere).
+    pub fn wait_socket_ready(socket: &Path, child: &mut Child) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("server exited early with {status}");
+            }
+            if socket.exists() && blocking_status_ok(socket) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts a server whose Status this process may not be allowed to call (peer checks):

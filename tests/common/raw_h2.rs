@@ -58,6 +58,30 @@ impl RawCall {
         RawCall { stream: s }
     }
 
+    /// Connects and sends a request with exactly `headers` (any method, any content-type),
+    /// leaving the stream open.
+    pub fn start_with(socket: &Path, headers: &[(&[u8], &[u8])]) -> RawCall {
+        let mut s = UnixStream::connect(socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        let mut enc = loona_hpack::Encoder::new();
+        let block = enc.encode(headers.iter().copied());
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        out.extend(frame(0x1, 0x4, 1, &block));
+        s.write_all(&out).expect("write");
+        RawCall { stream: s }
+    }
+
+    /// Ends the stream with a DATA frame holding exactly `body` (no gRPC length prefix added)
+    /// and reads the reply.
+    pub fn finish_raw(mut self, body: &[u8]) -> RawReply {
+        self.stream
+            .write_all(&frame(0x0, 0x1, 1, body))
+            .expect("write");
+        self.read_reply()
+    }
+
     /// Sends the request message, ends the stream, and reads the reply.
     pub fn finish(self, message: &[u8]) -> RawReply {
         self.finish_keep(message).0
@@ -70,11 +94,17 @@ impl RawCall {
     }
 
     fn exchange(&mut self, message: &[u8]) -> RawReply {
-        let s = &mut self.stream;
         let mut grpc = vec![0u8];
         grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
         grpc.extend_from_slice(message);
-        s.write_all(&frame(0x0, 0x1, 1, &grpc)).expect("write");
+        self.stream
+            .write_all(&frame(0x0, 0x1, 1, &grpc))
+            .expect("write");
+        self.read_reply()
+    }
+
+    fn read_reply(&mut self) -> RawReply {
+        let s = &mut self.stream;
         let mut dec = loona_hpack::Decoder::new();
         let mut reply = RawReply::default();
         let mut buf = Vec::new();

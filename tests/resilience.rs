@@ -1,0 +1,620 @@
+//! The server never dies or wedges because of its environment: a broken log pipe, idle or
+//! greedy clients, a FIFO or a badly owned file at the keystore path, a world-writable socket,
+//! malformed calls, a client that ignores GOAWAY, a socket group it must hand the socket to.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::raw_h2::{self, RawCall};
+use common::{bin, localkms, Server, Workspace};
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn skipped(why: &str) {
+    eprintln!("SKIPPED: {why}");
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The key_id the plugin reports, via the CLI.
+fn key_id(socket: &Path) -> String {
+    let out = localkms(&[
+        "status",
+        "--json",
+        "--socket",
+        socket.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["key_id"].as_str().expect("key_id").to_owned()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    let (_, body) = common::http_get(port, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not exported:\n{body}"))
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill")
+        .success());
+}
+
+/// A connection that completes the HTTP/2 handshake and then says nothing.
+fn idle_handshaken(socket: &Path) -> std::os::unix::net::UnixStream {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    let mut hello = raw_h2::PREFACE.to_vec();
+    hello.extend(raw_h2::frame(0x4, 0, 0, &[]));
+    s.write_all(&hello).expect("preface");
+    s
+}
+
+fn serve_cmd(ws: &Workspace, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args())
+        .args(extra)
+        .env("LOCALKMS_LOG_LEVEL", "debug")
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// Serve with stderr's reader gone (a pipe closed at once, as with `| head -1` or a log
+/// collector that restarted), and with stderr closed outright: every log line fails, yet
+/// rotations are picked up, SIGHUP works, a refused peer is only counted, and SIGTERM drains an
+/// in-flight call and exits 0.
+#[test]
+fn a_broken_log_stream_never_stops_the_server() {
+    for closed in [false, true] {
+        let ws = Workspace::new();
+        let port = common::free_port();
+        let me = rustix::process::geteuid().as_raw().to_string();
+        let addr = format!("127.0.0.1:{port}");
+        let args = ["--metrics-addr", addr.as_str(), "--allow-uid", me.as_str()];
+        let mut child = if closed {
+            // `2>&-`: fd 2 is not even open.
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c")
+                .arg("exec \"$@\" 2>&-")
+                .arg("sh")
+                .arg(bin())
+                .arg("serve")
+                .arg("--socket")
+                .arg(&ws.socket)
+                .args(ws.keystore_args())
+                .args(args)
+                .env("LOCALKMS_LOG_LEVEL", "debug")
+                .stdout(Stdio::null());
+            cmd.spawn().expect("spawn")
+        } else {
+            let mut cmd = serve_cmd(&ws, &args);
+            let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawn");
+            drop(child.stderr.take());
+            child
+        };
+        Server::wait_socket_ready(&ws.socket, &mut child);
+        let first = key_id(&ws.socket);
+
+        // A refused peer (its log line is written to the broken stream) is counted, not fatal.
+        if is_root() {
+            let out = Command::new(bin())
+                .args(["check", "--timeout", "3s", "--socket"])
+                .arg(&ws.socket)
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .expect("run as nobody");
+            assert!(!out.status.success());
+        }
+        // Rotation is picked up, SIGHUP is answered.
+        let out = ws.keys(&["rotate"]);
+        assert!(out.status.success(), "{}", text(&out));
+        wait_for(
+            "the rotation to be picked up",
+            Duration::from_secs(5),
+            || key_id(&ws.socket) != first,
+        );
+        signal(child.id(), "HUP");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(child.try_wait().expect("wait").is_none(), "server died");
+        // A closed fd 2 is pointed at /dev/null at start; a broken pipe fails every write.
+        assert_eq!(
+            metric(port, "localkms_log_write_errors_total") > 0.0,
+            !closed,
+            "failed log writes are counted"
+        );
+        assert_ne!(key_id(&ws.socket), first);
+
+        // SIGTERM with a call in flight: the call is answered, the server exits 0.
+        let held = RawCall::start(&ws.socket, None, "/v2.KeyManagementService/Status");
+        std::thread::sleep(Duration::from_millis(200));
+        signal(child.id(), "TERM");
+        std::thread::sleep(Duration::from_millis(200));
+        let reply = held.finish(&[]);
+        assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+        let status = common::wait_with_timeout(&mut child, Duration::from_secs(15));
+        assert_eq!(status.code(), Some(0), "stderr closed: {closed}");
+        assert!(!ws.socket.exists(), "socket removed");
+    }
+}
+
+/// 130 connections that complete the handshake and then idle fill every slot (the default cap
+/// is 128); a real client must still be served within 2 s, and the eviction is logged with the
+/// evicted peer's uid.
+#[test]
+fn idle_handshaken_connections_do_not_lock_out_a_client() {
+    let ws = Workspace::new();
+    let server = ws.serve();
+    let idle: Vec<_> = (0..130).map(|_| idle_handshaken(&ws.socket)).collect();
+    // Long enough for the first 128 to count as idle.
+    std::thread::sleep(Duration::from_millis(700));
+    let start = Instant::now();
+    let out = localkms(&[
+        "check",
+        "--timeout",
+        "2s",
+        "--socket",
+        ws.socket.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "client locked out for {:?}: {}\n{}",
+        start.elapsed(),
+        text(&out),
+        server.log_text()
+    );
+    let me = rustix::process::geteuid().as_raw();
+    let log = server.log_text();
+    assert!(
+        log.contains("closed the longest-idle connection") && log.contains(&format!("uid={me}")),
+        "{log}"
+    );
+    drop(idle);
+}
+
+/// Floods one uid's share of --max-in-flight with body-less streams (held open until the
+/// request timeout) and checks that another uid is still served; without the share, the same
+/// flood starves it.
+#[test]
+fn one_greedy_peer_cannot_starve_another() {
+    if !is_root() {
+        return skipped("a second uid needs root");
+    }
+    for (share, starved) in [("0.5", false), ("1", true)] {
+        let ws = Workspace::new();
+        std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let server = ws.serve_with(&[
+            "--max-in-flight",
+            "64",
+            "--max-in-flight-share",
+            share,
+            "--request-timeout",
+            "30s",
+            "--allow-uid",
+            "0,65534",
+            "--socket-mode",
+            "0666",
+        ]);
+        // Two connections × 32 streams whose bodies never come.
+        let mut flood = Vec::new();
+        for _ in 0..2 {
+            let mut s = idle_handshaken(&ws.socket);
+            let mut enc = loona_hpack::Encoder::new();
+            for i in 0..32u32 {
+                let headers: [(&[u8], &[u8]); 5] = [
+                    (b":method", b"POST"),
+                    (b":scheme", b"http"),
+                    (b":path", b"/v2.KeyManagementService/Encrypt"),
+                    (b":authority", b"localhost"),
+                    (b"content-type", b"application/grpc"),
+                ];
+                let block = enc.encode(headers);
+                s.write_all(&raw_h2::frame(0x1, 0x4, 1 + 2 * i, &block))
+                    .expect("headers");
+            }
+            flood.push(s);
+        }
+        // Root's flood is in: root's own next call is shed.
+        wait_for(
+            "the flood to fill root's share",
+            Duration::from_secs(10),
+            || {
+                let out = localkms(&[
+                    "check",
+                    "--timeout",
+                    "2s",
+                    "--socket",
+                    ws.socket.to_str().expect("utf8"),
+                ]);
+                !out.status.success() && text(&out).contains("in flight")
+            },
+        );
+        let out = Command::new(bin())
+            .args(["check", "--timeout", "3s", "--socket"])
+            .arg(&ws.socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run as nobody");
+        if starved {
+            assert!(
+                !out.status.success(),
+                "without a share the flood starves uid 65534"
+            );
+        } else {
+            assert!(
+                out.status.success(),
+                "uid 65534 starved: {}\n{}",
+                text(&out),
+                server.log_text()
+            );
+        }
+        drop(flood);
+    }
+}
+
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+}
+
+/// A FIFO at the keystore (or root key) path is refused at once with a message, at start-up
+/// and on reload, and SIGTERM still exits promptly.
+#[test]
+fn a_fifo_at_a_key_path_is_refused_not_waited_on() {
+    let ws = Workspace::new();
+    let fifo = ws.dir.path().join("fifo");
+    mkfifo(&fifo);
+    for args in [
+        vec![
+            "--keystore",
+            fifo.to_str().expect("utf8"),
+            "--root-key-file",
+        ],
+        vec![
+            "--root-key-file",
+            fifo.to_str().expect("utf8"),
+            "--keystore",
+        ],
+    ] {
+        let other = if args[0] == "--keystore" {
+            ws.root_key.clone()
+        } else {
+            ws.keystore.clone()
+        };
+        let start = Instant::now();
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&ws.socket)
+            .args(&args)
+            .arg(&other)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let status = common::wait_with_timeout(&mut child, Duration::from_secs(5));
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err)
+            .expect("read");
+        assert!(!status.success());
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(
+            err.contains("not a regular file (a FIFO)") && err.contains("fifo"),
+            "{err}"
+        );
+    }
+    // keys list does not hang either.
+    let out = localkms(&[
+        "keys",
+        "list",
+        "--keystore",
+        fifo.to_str().expect("utf8"),
+        "--root-key-file",
+        ws.root_key.to_str().expect("utf8"),
+    ]);
+    assert!(text(&out).contains("a FIFO"), "{}", text(&out));
+
+    // Planted while serving: the reload fails loudly, serving goes on, SIGTERM exits.
+    let mut server = ws.serve();
+    let before = key_id(&ws.socket);
+    let planted = ws.dir.path().join("planted");
+    mkfifo(&planted);
+    std::fs::rename(&planted, &ws.keystore).expect("plant");
+    signal(server.child.id(), "HUP");
+    wait_for("the refusal to be logged", Duration::from_secs(5), || {
+        server.log_text().contains("a FIFO")
+    });
+    assert_eq!(key_id(&ws.socket), before);
+    let start = Instant::now();
+    assert_eq!(server.stop("TERM").code(), Some(0));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// A keystore moved into place with mode 0644 is refused on reload exactly as at start-up; the
+/// old keyring keeps serving, and the fixed file is then picked up.
+#[test]
+fn reload_applies_the_start_up_file_checks() {
+    let ws = Workspace::new();
+    let port = common::free_port();
+    let server = ws.serve_with(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let before = key_id(&ws.socket);
+    let copy = ws.dir.path().join("copy.lkms");
+    std::fs::copy(&ws.keystore, &copy).expect("copy");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = localkms(&[
+        "keys",
+        "rotate",
+        "--keystore",
+        copy.to_str().expect("utf8"),
+        "--root-key-file",
+        ws.root_key.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::rename(&copy, &ws.keystore).expect("move into place");
+    wait_for("the refusal", Duration::from_secs(5), || {
+        server.log_text().contains("reload refused")
+    });
+    assert!(server.log_text().contains("0644"), "{}", server.log_text());
+    assert_eq!(key_id(&ws.socket), before, "the old keyring keeps serving");
+    let (_, body) = common::http_get(port, "/metrics");
+    assert!(
+        body.contains("localkms_keystore_reloads_total{result=\"refused\"} ")
+            && !body.contains("localkms_keystore_reloads_total{result=\"refused\"} 0"),
+        "{body}"
+    );
+    std::fs::set_permissions(&ws.keystore, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    wait_for("the fixed file to load", Duration::from_secs(5), || {
+        key_id(&ws.socket) != before
+    });
+}
+
+/// A world-writable socket with no allow list is refused unless --allow-world, which then
+/// serves with a loud warning.
+#[test]
+fn a_world_writable_socket_needs_an_allow_list_or_allow_world() {
+    let ws = Workspace::new();
+    let out = Command::new(bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args())
+        .args(["--socket-mode", "0666"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--allow-world") && text(&out).contains("0666"),
+        "{}",
+        text(&out)
+    );
+    let server = ws.serve_with(&["--socket-mode", "0666", "--allow-world"]);
+    assert!(
+        server.log_text().contains("WORLD-WRITABLE SOCKET"),
+        "{}",
+        server.log_text()
+    );
+}
+
+/// Malformed protobuf, an empty call, a GET and a JSON content-type are the caller's mistakes:
+/// InvalidArgument (or Unimplemented for what is not gRPC at all), never Internal; the server
+/// keeps serving.
+#[test]
+fn malformed_calls_are_answered_with_the_callers_fault() {
+    let ws = Workspace::new();
+    let _server = ws.serve();
+    let path = b"/v2.KeyManagementService/Encrypt".as_slice();
+    let grpc_headers = |method: &'static [u8], content_type: &'static [u8]| {
+        let headers: Vec<(&[u8], &[u8])> = vec![
+            (b":method", method),
+            (b":scheme", b"http"),
+            (b":path", path),
+            (b":authority", b"localhost"),
+            (b"content-type", content_type),
+            (b"te", b"trailers"),
+        ];
+        headers
+    };
+    // Field 1 (plaintext) says 100 bytes follow; none do.
+    let bad_proto = [0u8, 0, 0, 0, 2, 0x0a, 100];
+    type Headers = Vec<(&'static [u8], &'static [u8])>;
+    let cases: Vec<(Headers, Vec<u8>, &str)> = vec![
+        (
+            grpc_headers(b"POST", b"application/grpc"),
+            bad_proto.to_vec(),
+            "3",
+        ),
+        (grpc_headers(b"POST", b"application/grpc"), Vec::new(), "3"),
+        (grpc_headers(b"GET", b"application/grpc"), Vec::new(), "12"),
+        (
+            grpc_headers(b"POST", b"application/json"),
+            b"{}".to_vec(),
+            "3",
+        ),
+    ];
+    for (headers, body, want) in cases {
+        let reply = RawCall::start_with(&ws.socket, &headers).finish_raw(&body);
+        assert_eq!(
+            reply.grpc_status.as_deref(),
+            Some(want),
+            "{headers:?}: {reply:?}"
+        );
+    }
+    assert!(common::blocking_status_ok(&ws.socket));
+}
+
+/// SIGTERM with a client that ignores GOAWAY and nothing in flight exits at once, not after
+/// the 10 s drain deadline.
+#[test]
+fn sigterm_does_not_wait_for_an_idle_client_that_ignores_goaway() {
+    let ws = Workspace::new();
+    let mut server = ws.serve();
+    let _stubborn = idle_handshaken(&ws.socket);
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    assert_eq!(server.stop("TERM").code(), Some(0));
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        start.elapsed()
+    );
+    assert!(!server.log_text().contains("drain deadline"));
+}
+
+/// `--socket-group` as documented: the server, an unprivileged member of the group, creates
+/// the socket directory setgid 2750 and the socket 0660 in that group; another member can
+/// call, a non-member cannot; a server outside the group is refused with the capability it
+/// lacks named.
+#[test]
+fn socket_group_members_reach_the_socket() {
+    if !is_root() {
+        return skipped("running the server and clients as other users needs root");
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        return skipped("setpriv (util-linux) is not installed");
+    }
+    const GROUP: &str = "4242";
+    let ws = Workspace::new();
+    let server_uid = rustix::fs::Uid::from_raw(65534);
+    for f in [ws.dir.path(), ws.keystore.as_path(), ws.root_key.as_path()] {
+        rustix::fs::chown(f, Some(server_uid), None).expect("chown");
+    }
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = ws.dir.path().join("run").join("kms.sock");
+    let serve_as = |groups: &str| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            &format!("--groups={groups}"),
+            "--",
+        ])
+        .arg(bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(ws.keystore_args())
+        .args(["--socket-mode", "0660", "--socket-group", GROUP]);
+        cmd
+    };
+    // Not a member, no CAP_CHOWN: refused, and told what would fix it.
+    let out = serve_as("65534").output().expect("serve");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("CAP_CHOWN") && text(&out).contains("4242"),
+        "{}",
+        text(&out)
+    );
+    let _ = std::fs::remove_dir_all(ws.dir.path().join("run"));
+
+    let server = Server::spawn_without_probe(
+        serve_as(GROUP),
+        socket.clone(),
+        ws.dir.path().join("group.log"),
+    );
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::metadata(socket.parent().expect("dir")).expect("dir");
+    assert_eq!(dir.mode() & 0o7777, 0o2750);
+    assert_eq!(dir.gid(), 4242);
+    let sock = std::fs::metadata(&socket).expect("socket");
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, 4242));
+    let check_as = |groups: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65533",
+                "--regid=65533",
+                &format!("--groups={groups}"),
+                "--",
+            ])
+            .arg(bin())
+            .args(["check", "--timeout", "3s", "--socket"])
+            .arg(&socket)
+            .output()
+            .expect("check")
+    };
+    let member = check_as(GROUP);
+    assert!(
+        member.status.success(),
+        "{}\n{}",
+        text(&member),
+        server.log_text()
+    );
+    assert!(
+        !check_as("65533").status.success(),
+        "a non-member is kept out"
+    );
+}
+
+/// `serve --check-config` also binds --metrics-addr, so a taken port is found before serving.
+#[test]
+fn check_config_tries_the_metrics_address() {
+    let ws = Workspace::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = Command::new(bin())
+        .arg("serve")
+        .arg("--check-config")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args())
+        .args(["--metrics-addr", &addr])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(text(&out).contains(&addr), "{}", text(&out));
+    drop(taken);
+    let out = Command::new(bin())
+        .arg("serve")
+        .arg("--check-config")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args())
+        .args(["--metrics-addr", &addr])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+}
