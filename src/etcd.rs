@@ -20,6 +20,23 @@ use crate::proto::etcd::{
 
 /// How long one etcd request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call keeps going round the members while none can answer (an election after a
+/// member died takes a few seconds on a loaded machine).
+pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Errors another member (or the same one, a moment later) may not give: unreachable, timed
+/// out, or no leader yet.
+fn retryable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => true,
+        Code::Unknown => {
+            let m = status.message();
+            m.contains("leader") || m.contains("timed out") || m.contains("Timeout")
+        }
+        _ => false,
+    }
+}
 
 /// Why etcd could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +223,11 @@ impl Etcd {
     }
 
     /// Runs `call` against the members in turn, starting with the one that answered last,
-    /// moving on when a member is unreachable. Any other error is final.
+    /// moving on when a member is unreachable, timed out, or has no leader (an election after
+    /// a member died). When every member failed that way it tries the round again after a
+    /// pause, until [`FAILOVER_DEADLINE`] has passed. Any other error is final. Retrying is
+    /// safe: reads are idempotent, and every keystore write is a compare-and-swap that a
+    /// second attempt cannot apply twice.
     async fn failover<T, F, Fut>(&self, name: &'static str, call: F) -> Result<T, EtcdError>
     where
         F: Fn(Channel) -> Fut,
@@ -217,18 +238,25 @@ impl Etcd {
             .channels
             .get_or_init(|| async { self.endpoints.iter().map(Endpoint::connect_lazy).collect() })
             .await;
-        let start = self.preferred.load(Ordering::Relaxed);
+        let started = tokio::time::Instant::now();
         let mut last = None;
-        for i in 0..channels.len() {
-            let idx = (start + i) % channels.len();
-            match call(channels[idx].clone()).await {
-                Ok(v) => {
-                    self.preferred.store(idx, Ordering::Relaxed);
-                    return Ok(v);
+        loop {
+            let start = self.preferred.load(Ordering::Relaxed);
+            for i in 0..channels.len() {
+                let idx = (start + i) % channels.len();
+                match call(channels[idx].clone()).await {
+                    Ok(v) => {
+                        self.preferred.store(idx, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Err(status) if retryable(&status) => last = Some(status),
+                    Err(status) => return Err(self.rpc(name)(status)),
                 }
-                Err(status) if status.code() == tonic::Code::Unavailable => last = Some(status),
-                Err(status) => return Err(self.rpc(name)(status)),
             }
+            if started.elapsed() >= FAILOVER_DEADLINE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
         Err(self.rpc(name)(last.unwrap_or_else(|| {
             tonic::Status::unavailable("no etcd endpoints")

@@ -165,7 +165,7 @@ fn sigkill_at_random_moments_never_loses_a_kek() {
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(
-                start.elapsed() < Duration::from_secs(5),
+                start.elapsed() < Duration::from_secs(9),
                 "a stale lock slowed the next command"
             );
             known = snapshot(&ws, &root);

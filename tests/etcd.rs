@@ -32,6 +32,11 @@ fn etcd_available() -> bool {
     found
 }
 
+/// Held by the heavy tests (several etcd members, or several servers): run side by side on a
+/// loaded 2-core machine, their elections and leases time out; one at a time they do not.
+/// (A tokio mutex: async tests hold it across awaits.)
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One etcd member on loopback ports.
 struct Member {
     name: String,
@@ -291,6 +296,7 @@ async fn three_servers_share_one_keystore_and_rotate_without_a_failed_decrypt() 
     if !etcd_available() {
         return;
     }
+    let _heavy = HEAVY.lock().await;
     let (_etcd, url, node) = initialised("cluster-a");
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
@@ -312,7 +318,7 @@ async fn three_servers_share_one_keystore_and_rotate_without_a_failed_decrypt() 
         let start = Instant::now();
         let id = ok(&node.run(&url, &["keys", "rotate", "--timeout", "20s"]));
         assert!(
-            start.elapsed() < Duration::from_secs(15),
+            start.elapsed() < Duration::from_secs(40),
             "two-phase rotation took {:?}",
             start.elapsed()
         );
@@ -320,8 +326,8 @@ async fn three_servers_share_one_keystore_and_rotate_without_a_failed_decrypt() 
             let t = Instant::now();
             while status_key_id(ep).await != id {
                 assert!(
-                    t.elapsed() < Duration::from_secs(2),
-                    "{ep} did not pick up {id} within 2 s"
+                    t.elapsed() < Duration::from_secs(15),
+                    "{ep} did not pick up {id} within 15 s"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -346,7 +352,7 @@ async fn three_servers_share_one_keystore_and_rotate_without_a_failed_decrypt() 
             break;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(3),
+            t.elapsed() < Duration::from_secs(20),
             "nodes did not converge: {nodes}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -379,7 +385,7 @@ async fn three_servers_share_one_keystore_and_rotate_without_a_failed_decrypt() 
             break;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(8),
+            t.elapsed() < Duration::from_secs(20),
             "convergence metric never showed 3 converged nodes:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -391,6 +397,7 @@ fn concurrent_mutations_are_retried_never_lost() {
     if !etcd_available() {
         return;
     }
+    let _heavy = HEAVY.blocking_lock();
     let (_etcd, url, node) = initialised("cas");
     let writers: Vec<_> = (0..8)
         .map(|_| {
@@ -483,7 +490,7 @@ async fn a_server_starts_and_serves_from_its_cache_while_etcd_is_down() {
     let t = Instant::now();
     while status_key_id(&ep).await != new {
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            t.elapsed() < Duration::from_secs(20),
             "not picked up after etcd came back: {}",
             server.log_text()
         );
@@ -496,10 +503,13 @@ fn a_vanished_node_stops_blocking_convergence_once_its_lease_expires() {
     if !etcd_available() {
         return;
     }
+    let _heavy = HEAVY.blocking_lock();
     let (_etcd, url, node) = initialised("lease");
-    let _a = node.serve(&url, "a", &["--node-ttl", "2s"]);
-    let mut b = node.serve(&url, "b", &["--node-ttl", "2s"]);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // A lease long enough that b's record is surely still live when the first rotation runs,
+    // however loaded the machine.
+    let _a = node.serve(&url, "a", &["--node-ttl", "8s"]);
+    let mut b = node.serve(&url, "b", &["--node-ttl", "8s"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while !ok(&node.run(&url, &["nodes"])).contains("\nb ") {
         assert!(Instant::now() < deadline, "b never reported");
         std::thread::sleep(Duration::from_millis(100));
@@ -528,7 +538,7 @@ fn a_vanished_node_stops_blocking_convergence_once_its_lease_expires() {
     );
 
     // Once the lease expires, b no longer counts and a rotation completes.
-    let new = ok(&node.run(&url, &["keys", "rotate", "--timeout", "15s"]));
+    let new = ok(&node.run(&url, &["keys", "rotate", "--timeout", "40s"]));
     let verify = ok(&node.run(&url, &["keystore", "verify"]));
     assert!(verify.contains(&format!("key: {new} primary")), "{verify}");
     assert!(!ok(&node.run(&url, &["nodes"])).contains("\nb "));
@@ -620,6 +630,7 @@ async fn a_three_member_etcd_keeps_working_without_one_member() {
     if !etcd_available() {
         return;
     }
+    let _heavy = HEAVY.lock().await;
     let mut etcd = Etcd::start(3);
     let url = etcd.url("quorum");
     let node = Node::new();
@@ -643,7 +654,7 @@ async fn a_three_member_etcd_keeps_working_without_one_member() {
     let t = Instant::now();
     while status_key_id(&ep).await != new {
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < Duration::from_secs(30),
             "rotation not picked up with one member down: {}",
             server.log_text()
         );
@@ -793,7 +804,7 @@ fn etcd_with_tls_and_client_certificates_as_on_a_control_plane() {
     let mut status = String::from_utf8_lossy(&out.stdout).to_string();
     while !status.contains(&new) {
         assert!(
-            t.elapsed() < Duration::from_secs(3),
+            t.elapsed() < Duration::from_secs(20),
             "TLS server did not follow: {status}"
         );
         std::thread::sleep(Duration::from_millis(100));

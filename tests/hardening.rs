@@ -285,7 +285,7 @@ fn peer_credentials_gate_every_connection() {
         .output()
         .expect("run as nobody");
     assert!(!out.status.success(), "uid 65534 must be refused");
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while !server.log_text().contains("uid=65534") {
         assert!(
             Instant::now() < deadline,
@@ -530,7 +530,7 @@ async fn floods_neither_grow_memory_without_bound_nor_starve_a_good_client() {
     while good.is_none() {
         good = client(&ep).await.ok();
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < Duration::from_secs(60),
             "good client could not connect during the flood"
         );
     }
@@ -555,10 +555,11 @@ async fn floods_neither_grow_memory_without_bound_nor_starve_a_good_client() {
             .expect("good client served");
         assert_eq!(d.into_inner().plaintext, vec![i; 32]);
     }
-    // Not kept waiting behind the idle connections (with the 10 s handshake timeout, waiting
-    // them out would take 300 / 16 × 10 s).
+    // Not kept waiting behind the idle connections: waiting them out with the 10 s handshake
+    // timeout would take 300 / 16 × 10 s = 187 s. The deadline is generous for a loaded
+    // machine; speed itself is for benchmarks.
     assert!(
-        start.elapsed() < Duration::from_secs(5),
+        start.elapsed() < Duration::from_secs(60),
         "the good client took {:?}",
         start.elapsed()
     );
@@ -620,9 +621,10 @@ async fn soak_under_rotation_and_reloads_loses_nothing() {
     let server = ws.serve();
     let ep = server.endpoint();
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..32u8 {
-        let (ep, stop) = (ep.clone(), stop.clone());
+        let (ep, stop, done) = (ep.clone(), stop.clone(), done.clone());
         workers.push(tokio::spawn(async move {
             let mut c = client(&ep).await.expect("connect");
             let mut made = Vec::new();
@@ -651,6 +653,7 @@ async fn soak_under_rotation_and_reloads_loses_nothing() {
                             .await
                         {
                             Ok(d) if d.get_ref().plaintext == seed => {
+                                done.fetch_add(1, Ordering::Relaxed);
                                 made.push((seed, r.ciphertext, r.key_id))
                             }
                             Ok(_) => failures.push("wrong plaintext".to_owned()),
@@ -663,13 +666,26 @@ async fn soak_under_rotation_and_reloads_loses_nothing() {
             (made, failures)
         }));
     }
-    let start = Instant::now();
-    let mut rotations = 0;
-    while start.elapsed() < Duration::from_secs(6) {
-        assert!(ws.keys(&["rotate"]).status.success());
-        rotations += 1;
+    // Five rotations, each picked up (SIGHUP, or the poll) and each carrying traffic before the
+    // next: conditions with generous deadlines, not a wall-clock budget.
+    for _ in 0..5 {
+        let out = ws.keys(&["rotate"]);
+        assert!(out.status.success());
+        let new = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         server.signal("HUP");
-        std::thread::sleep(Duration::from_millis(1000));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while common::status_key_id(&ep).await != new {
+            assert!(
+                Instant::now() < deadline,
+                "rotation to {new} never picked up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let before = done.load(Ordering::Relaxed);
+        while done.load(Ordering::Relaxed) < before + 20 {
+            assert!(Instant::now() < deadline, "no traffic under {new}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
@@ -684,7 +700,6 @@ async fn soak_under_rotation_and_reloads_loses_nothing() {
         "traffic should span several KEKs, saw {}",
         key_ids.len()
     );
-    assert!(rotations >= 5);
     // Every ciphertext ever produced still decrypts.
     let mut c = client(&ep).await.expect("connect");
     for (seed, ct, key_id) in &all {
@@ -700,7 +715,7 @@ async fn soak_under_rotation_and_reloads_loses_nothing() {
         assert_eq!(&d.into_inner().plaintext, seed);
     }
     assert!(
-        all.len() > 500,
+        all.len() >= 100,
         "only {} round trips in the soak",
         all.len()
     );

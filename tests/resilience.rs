@@ -140,7 +140,7 @@ fn a_broken_log_stream_never_stops_the_server() {
         assert!(out.status.success(), "{}", text(&out));
         wait_for(
             "the rotation to be picked up",
-            Duration::from_secs(5),
+            Duration::from_secs(15),
             || key_id(&ws.socket) != first,
         );
         signal(child.id(), "HUP");
@@ -168,8 +168,9 @@ fn a_broken_log_stream_never_stops_the_server() {
 }
 
 /// 130 connections that complete the handshake and then idle fill every slot (the default cap
-/// is 128); a real client must still be served within 2 s, and the eviction is logged with the
-/// evicted peer's uid.
+/// is 128); a real client must still be served (before the fix it waited for --idle-timeout,
+/// 5 min; here it gets 5 s, generous for a loaded machine, and takes well under a second), and
+/// the eviction is logged with the evicted peer's uid.
 #[test]
 fn idle_handshaken_connections_do_not_lock_out_a_client() {
     let ws = Workspace::new();
@@ -181,7 +182,7 @@ fn idle_handshaken_connections_do_not_lock_out_a_client() {
     let out = localkms(&[
         "check",
         "--timeout",
-        "2s",
+        "5s",
         "--socket",
         ws.socket.to_str().expect("utf8"),
     ]);
@@ -328,7 +329,7 @@ fn a_fifo_at_a_key_path_is_refused_not_waited_on() {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn");
-        let status = common::wait_with_timeout(&mut child, Duration::from_secs(5));
+        let status = common::wait_with_timeout(&mut child, Duration::from_secs(15));
         let mut err = String::new();
         child
             .stderr
@@ -337,7 +338,7 @@ fn a_fifo_at_a_key_path_is_refused_not_waited_on() {
             .read_to_string(&mut err)
             .expect("read");
         assert!(!status.success());
-        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(start.elapsed() < Duration::from_secs(15));
         assert!(
             err.contains("not a regular file (a FIFO)") && err.contains("fifo"),
             "{err}"
@@ -361,14 +362,14 @@ fn a_fifo_at_a_key_path_is_refused_not_waited_on() {
     mkfifo(&planted);
     std::fs::rename(&planted, &ws.keystore).expect("plant");
     signal(server.child.id(), "HUP");
-    wait_for("the refusal to be logged", Duration::from_secs(5), || {
+    wait_for("the refusal to be logged", Duration::from_secs(15), || {
         server.log_text().contains("a FIFO")
     });
     assert_eq!(key_id(&ws.socket), before);
     let start = Instant::now();
     assert_eq!(server.stop("TERM").code(), Some(0));
     assert!(
-        start.elapsed() < Duration::from_secs(5),
+        start.elapsed() < Duration::from_secs(8),
         "{:?}",
         start.elapsed()
     );
@@ -396,7 +397,7 @@ fn reload_applies_the_start_up_file_checks() {
     assert!(out.status.success(), "{}", text(&out));
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     std::fs::rename(&copy, &ws.keystore).expect("move into place");
-    wait_for("the refusal", Duration::from_secs(5), || {
+    wait_for("the refusal", Duration::from_secs(15), || {
         server.log_text().contains("reload refused")
     });
     assert!(server.log_text().contains("0644"), "{}", server.log_text());
@@ -408,7 +409,7 @@ fn reload_applies_the_start_up_file_checks() {
         "{body}"
     );
     std::fs::set_permissions(&ws.keystore, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    wait_for("the fixed file to load", Duration::from_secs(5), || {
+    wait_for("the fixed file to load", Duration::from_secs(15), || {
         key_id(&ws.socket) != before
     });
 }
@@ -498,7 +499,7 @@ fn sigterm_does_not_wait_for_an_idle_client_that_ignores_goaway() {
     let start = Instant::now();
     assert_eq!(server.stop("TERM").code(), Some(0));
     assert!(
-        start.elapsed() < Duration::from_secs(3),
+        start.elapsed() < Duration::from_secs(8),
         "waited {:?}",
         start.elapsed()
     );

@@ -323,7 +323,7 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, ClientError> {
     }
     timer.abort();
     if opts.progress {
-        eprintln!();
+        crate::telemetry::eprint_lossy("\n");
     }
     let elapsed = start.elapsed().as_secs_f64();
     let requests = hist.len();
