@@ -187,11 +187,6 @@ impl Keyring {
         self.keys.keys()
     }
 
-    /// Whether `id` is present only as a destroyed tombstone.
-    pub fn is_destroyed(&self, id: &KeyId) -> bool {
-        matches!(self.keys.get(id), Some(Entry::Destroyed { .. }))
-    }
-
     /// Seals `plaintext` under the primary KEK; returns the ciphertext and the primary's id.
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<(Vec<u8>, &KeyId), KeyringError> {
         let id = self.primary.as_ref().ok_or(KeyringError::NoPrimary)?;

@@ -59,18 +59,6 @@ pub enum ReloadOutcome {
     Failed(KeystoreError),
 }
 
-impl ReloadOutcome {
-    /// The label used in metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            ReloadOutcome::Swapped { .. } => "ok",
-            ReloadOutcome::Unchanged => "unchanged",
-            ReloadOutcome::Refused(_) => "refused",
-            ReloadOutcome::Failed(_) => "failed",
-        }
-    }
-}
-
 /// Reload results since start, for metrics.
 #[derive(Default, Debug)]
 pub struct ReloadCounters {
@@ -161,11 +149,6 @@ impl Reloader {
         self.usage_path = usage_path_for(&self.store, dir.as_deref());
         self.cache = dir.map(|d| cache_path(&d));
         self
-    }
-
-    /// Where decrypt usage is written.
-    pub fn usage_path(&self) -> &Path {
-        &self.usage_path
     }
 
     /// Rotates automatically once the primary has been primary for `after`.
@@ -363,7 +346,9 @@ impl Reloader {
     }
 
     fn flush_usage(&self, force: bool) {
-        if let Err(e) = self.usage.flush(&self.usage_path, force) {
+        // A write and an fsync: off the async workers.
+        let result = keystore::store::blocking(|| self.usage.flush(&self.usage_path, force));
+        if let Err(e) = result {
             tracing::warn!(error = %e, "could not write key usage");
         }
     }

@@ -21,7 +21,7 @@ use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
 use tonic::Code;
 
 fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
+    common::root_or_skip(module_path!())
 }
 
 async fn v1(ep: &str) -> V1Client<tonic::transport::Channel> {

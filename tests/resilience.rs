@@ -15,7 +15,7 @@ use common::raw_h2::{self, RawCall};
 use common::{bin, localkms, Server, Workspace};
 
 fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
+    common::root_or_skip(module_path!())
 }
 
 fn skipped(why: &str) {

@@ -6,7 +6,7 @@
 //! works and one warning says so. This is the crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use zeroize::Zeroize;
 
@@ -22,12 +22,6 @@ pub(crate) struct LockedPage {
 }
 
 static LOCK_WARNED: AtomicBool = AtomicBool::new(false);
-static PAGES_LOCKED: AtomicUsize = AtomicUsize::new(0);
-
-/// How many key pages are currently locked in memory (for tests and diagnostics).
-pub fn pages_locked() -> usize {
-    PAGES_LOCKED.load(Ordering::Relaxed)
-}
 
 impl LockedPage {
     /// A zeroed page, locked and excluded from core dumps where the system allows.
@@ -44,7 +38,6 @@ impl LockedPage {
         // SAFETY: as above; MADV_DONTDUMP does not alter the contents of the range.
         let _ = unsafe { rustix::mm::madvise(ptr, PAGE, rustix::mm::Advice::LinuxDontDump) };
         if locked {
-            PAGES_LOCKED.fetch_add(1, Ordering::Relaxed);
         } else if !LOCK_WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!("cannot lock key pages in memory (RLIMIT_MEMLOCK too low, or no CAP_IPC_LOCK): keys may be swapped to disk");
         }
@@ -74,7 +67,6 @@ impl Drop for LockedPage {
         if self.locked {
             // SAFETY: as above.
             let _ = unsafe { rustix::mm::munlock(ptr, PAGE) };
-            PAGES_LOCKED.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -11,7 +11,6 @@ mod locked;
 
 pub use aead::{derive_key, open_in_place, seal_in_place, NONCE_LEN, TAG_LEN};
 pub use key::{fill_random, SecretKey, KEY_LEN};
-pub use locked::pages_locked;
 
 /// A failure inside a primitive: the OS random source or the AEAD refused to work.
 ///

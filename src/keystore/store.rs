@@ -4,7 +4,7 @@
 //! [`super::file`]; etcd writes are compare-and-swap transactions on the blob's modification
 //! revision, retried on conflict, so two operators or nodes never lose each other's changes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::file;
 use super::format;
@@ -34,14 +34,6 @@ impl KeystoreLocation {
             Ok(KeystoreLocation::File(PathBuf::from(s)))
         }
     }
-
-    /// The file path, for file keystores.
-    pub fn as_file(&self) -> Option<&Path> {
-        match self {
-            KeystoreLocation::File(p) => Some(p),
-            KeystoreLocation::Etcd(_) => None,
-        }
-    }
 }
 
 impl std::fmt::Display for KeystoreLocation {
@@ -60,6 +52,18 @@ pub enum Store {
     File(PathBuf),
     /// etcd.
     Etcd(Etcd),
+}
+
+/// Runs blocking file work (locks with waits, fsync, Argon2id) without stalling the async
+/// workers: on a multi-threaded runtime the worker hands its other tasks over first
+/// (`block_in_place`); elsewhere (a current-thread runtime, or none) it simply runs.
+pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
 }
 
 impl Store {
@@ -82,7 +86,7 @@ impl Store {
     /// The sealed bytes and, for etcd, their modification revision.
     pub async fn read_raw(&self) -> Result<(Vec<u8>, i64), KeystoreError> {
         match self {
-            Store::File(p) => Ok((file::read_bounded(p)?, 0)),
+            Store::File(p) => Ok((blocking(|| file::read_bounded(p))?, 0)),
             Store::Etcd(e) => {
                 let kv = e
                     .get(&e.target().keystore_key())
@@ -104,10 +108,14 @@ impl Store {
         root: &RootKeyProvider,
     ) -> Result<(Keystore, i64), KeystoreError> {
         match self {
-            Store::File(p) => Ok((file::load(p, root)?, 0)),
+            Store::File(p) => Ok((blocking(|| file::load(p, root))?, 0)),
             Store::Etcd(_) => {
                 let (bytes, rev) = self.read_raw().await?;
-                Ok((file::decode_with(&self.name(), &bytes, root)?, rev))
+                // Deriving the root key may run Argon2id: off the async workers.
+                Ok((
+                    blocking(|| file::decode_with(&self.name(), &bytes, root))?,
+                    rev,
+                ))
             }
         }
     }
@@ -115,9 +123,9 @@ impl Store {
     /// Writes a brand-new keystore, refusing to replace one.
     pub async fn create(&self, root: &RootKeyProvider, ks: &Keystore) -> Result<(), KeystoreError> {
         match self {
-            Store::File(p) => file::create(p, root, ks),
+            Store::File(p) => blocking(|| file::create(p, root, ks)),
             Store::Etcd(_) => {
-                let key = root.key_for(ks.kdf())?;
+                let key = blocking(|| root.key_for(ks.kdf()))?;
                 let bytes =
                     format::encode(ks, &key).map_err(|e| file::format_err(&self.name(), e))?;
                 self.create_raw(bytes).await
@@ -128,7 +136,7 @@ impl Store {
     /// Writes sealed bytes as a new keystore, refusing to replace one (`keystore copy`).
     pub async fn create_raw(&self, bytes: Vec<u8>) -> Result<(), KeystoreError> {
         match self {
-            Store::File(p) => file::create_raw(p, &bytes),
+            Store::File(p) => blocking(|| file::create_raw(p, &bytes)),
             Store::Etcd(e) => {
                 if e.put_if(&e.target().keystore_key(), bytes, Expect::Absent)
                     .await?
@@ -150,7 +158,7 @@ impl Store {
         change: impl FnMut(&mut Keystore) -> Result<T, KeystoreError>,
     ) -> Result<T, KeystoreError> {
         match self {
-            Store::File(p) => file::update(p, root, change),
+            Store::File(p) => blocking(|| file::update(p, root, change)),
             Store::Etcd(e) => self.cas_rewrite(e, root, root, change).await,
         }
     }
@@ -163,7 +171,7 @@ impl Store {
         mut record: impl FnMut(&mut Keystore),
     ) -> Result<(), KeystoreError> {
         match self {
-            Store::File(p) => file::reseal(p, old, new, record),
+            Store::File(p) => blocking(|| file::reseal(p, old, new, record)),
             Store::Etcd(e) => {
                 self.cas_rewrite(e, old, new, |ks| {
                     ks.kdf = new.new_kdf()?;
@@ -189,7 +197,7 @@ impl Store {
             let (mut ks, rev) = self.load_with_revision(old).await?;
             let out = change(&mut ks)?;
             file::bump_generation(&self.name(), &mut ks)?;
-            let key = new.key_for(ks.kdf())?;
+            let key = blocking(|| new.key_for(ks.kdf()))?;
             let bytes =
                 format::encode(&ks, &key).map_err(|err| file::format_err(&self.name(), err))?;
             if cas_write(e, bytes, rev).await? {

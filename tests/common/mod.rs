@@ -11,6 +11,21 @@ use localkms::proto::v2::key_management_service_client::KeyManagementServiceClie
 use localkms::proto::v2::StatusRequest;
 use tonic::transport::Channel;
 
+/// Whether the suite runs as root, for the halves of tests that need another uid or chown.
+/// Not root: says SKIPPED with `what`, or fails when `LOCALKMS_REQUIRE_ROOT` is set (CI sets
+/// it), so a skipped proof never passes silently there.
+pub fn root_or_skip(what: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("LOCALKMS_REQUIRE_ROOT").is_none(),
+        "LOCALKMS_REQUIRE_ROOT is set but the suite is not running as root: {what}"
+    );
+    eprintln!("SKIPPED (needs root): {what}");
+    false
+}
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_localkms")
