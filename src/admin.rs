@@ -9,14 +9,15 @@ use std::time::Duration;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::etcd::{EtcdError, EtcdTls};
+use crate::keystore::backend::etcd::nodes;
+use crate::keystore::backend::UsageOrEtcdError;
 use crate::keystore::{
     Actor, DestroyEvidence, DestroyGuard, HistoryEntry, KeyState, Keystore, KeystoreError,
     KeystoreLocation, RootKeyError, RootKeyProvider, RootKeySource, Store,
 };
-use crate::nodes;
+use crate::keystore::{EtcdError, EtcdTls};
 use crate::timefmt::rfc3339;
-use crate::usage::{read_usage, usage_path, UsageError, UsageFile};
+use crate::usage::{UsageError, UsageFile};
 
 /// One KEK as `keys list` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -262,9 +263,9 @@ impl Opened {
     /// Decrypt usage: the usage file beside a file keystore, or every node's report summed
     /// for an etcd keystore.
     pub async fn usage(&self) -> Result<UsageFile, AdminError> {
-        Ok(match &self.store {
-            Store::File(p) => read_usage(&usage_path(p))?,
-            Store::Etcd(e) => nodes::merged_usage(&nodes::list(e).await?),
+        self.store.usage().await.map_err(|e| match e {
+            UsageOrEtcdError::Usage(e) => AdminError::Usage(e),
+            UsageOrEtcdError::Etcd(e) => AdminError::Etcd(e),
         })
     }
 }
@@ -281,15 +282,14 @@ pub async fn init(
 ) -> Result<Printed, AdminError> {
     let store = Store::open(location, tls)?;
     let mut out = String::new();
-    if let Store::File(p) = &store {
-        if p.exists() {
-            return Err(KeystoreError::AlreadyExists(p.clone()).into());
-        }
-        create_parent(p, &mut out)?;
+    if let Some(dir) = store.prepare_create()? {
+        let _ = writeln!(out, "created directory {} (mode 0700)", dir.display());
     }
     if let RootKeySource::KeyFile(key) = source {
         if !key.exists() {
-            create_parent(key, &mut out)?;
+            if let Some(dir) = crate::keystore::backend::create_parent_dir(key)? {
+                let _ = writeln!(out, "created directory {} (mode 0700)", dir.display());
+            }
         }
     }
     let (root, created) = RootKeyProvider::open_or_create(source)?;
@@ -306,25 +306,6 @@ pub async fn init(
     let id = ks.primary().map(|r| r.id.to_string()).unwrap_or_default();
     let _ = writeln!(out, "created keystore {location} with primary key {id}");
     Ok(Printed::out(out).committed(format!("created keystore {location} (primary {id})")))
-}
-
-/// Creates the missing directories above `file` with mode 0700 (they will hold key material),
-/// saying so in `out`.
-fn create_parent(file: &Path, out: &mut String) -> Result<(), KeystoreError> {
-    let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) else {
-        return Ok(());
-    };
-    if dir.exists() {
-        return Ok(());
-    }
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(dir)
-        .map_err(|source| KeystoreError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-    let _ = writeln!(out, "created directory {} (mode 0700)", dir.display());
-    Ok(())
 }
 
 /// `keys list`.
@@ -364,21 +345,17 @@ pub async fn keys_rotate(
 ) -> Result<Printed, AdminError> {
     let actor = Actor::current();
     let name = o.store.name();
-    match (&o.store, stage) {
+    match (o.store.nodes(), stage) {
         (_, true) => {
             let id = o
                 .store
                 .update(&o.root, |ks| Ok(ks.stage(now(), &actor)?))
                 .await?;
-            let hint = match &o.store {
-                Store::File(_) => format!("staged {id} in {}: it decrypts but does not encrypt. Copy the keystore to every node, check each with `localkms keystore verify`, then `localkms keys promote {id}`.", name.display()),
-                Store::Etcd(_) => format!("staged {id} in {}: it decrypts but does not encrypt. `localkms nodes` shows when every node has it; then `localkms keys promote {id}`.", name.display()),
-            };
             Ok(Printed::out(format!("{id}\n"))
-                .with_note(hint)
+                .with_note(o.store.staged_hint(id.as_str()))
                 .committed(format!("staged {id} in {}", name.display())))
         }
-        (Store::File(_), false) => {
+        (None, false) => {
             let id = o
                 .store
                 .update(&o.root, |ks| Ok(ks.rotate(now(), &actor)?))
@@ -390,14 +367,14 @@ pub async fn keys_rotate(
                 ))
                 .committed(format!("rotated {}: new primary {id}", name.display())))
         }
-        (Store::Etcd(etcd), false) => {
+        (Some(cluster), false) => {
             let id = o
                 .store
                 .update(&o.root, |ks| Ok(ks.stage(now(), &actor)?))
                 .await?;
             let started = std::time::Instant::now();
             loop {
-                let live = nodes::list(etcd).await?;
+                let live = cluster.list().await?;
                 let lagging = nodes::lagging(&live, id.as_str());
                 if lagging.is_empty() {
                     break;
@@ -539,7 +516,7 @@ pub async fn keystore_copy(
     let dst = Store::open(to, tls)?;
     let root = RootKeyProvider::open(source)?;
     let (bytes, _) = src.read_raw().await?;
-    let ks = crate::keystore::file::decode_with(&src.name(), &bytes, &root)?;
+    let ks = src.decode(&bytes, &root)?;
     dst.create_raw(bytes).await?;
     Ok(Printed::out(format!(
         "copied {from} to {to}: generation {}, {} keys, unchanged\n",
@@ -570,12 +547,13 @@ pub struct NodeListing {
 
 /// `localkms nodes`.
 pub async fn nodes_list(o: &Opened, json: bool) -> Result<Printed, AdminError> {
-    let Store::Etcd(etcd) = &o.store else {
+    let Some(cluster) = o.store.nodes() else {
         return Err(AdminError::NeedsEtcd("localkms nodes"));
     };
     let ks = o.store.load(&o.root).await?;
     let now_s = now().unix_timestamp();
-    let listing: Vec<NodeListing> = nodes::list(etcd)
+    let listing: Vec<NodeListing> = cluster
+        .list()
         .await?
         .into_iter()
         .map(|n| NodeListing {

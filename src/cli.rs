@@ -243,8 +243,8 @@ pub struct EtcdTlsArgs {
 
 impl EtcdTlsArgs {
     /// As the etcd client takes it.
-    pub fn tls(&self) -> crate::etcd::EtcdTls {
-        crate::etcd::EtcdTls {
+    pub fn tls(&self) -> crate::keystore::EtcdTls {
+        crate::keystore::EtcdTls {
             cacert: self.etcd_cacert.clone(),
             cert: self.etcd_cert.clone(),
             key: self.etcd_key.clone(),

@@ -259,7 +259,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         (
             socket,
-            KeystoreLocation::File(setup.keystore),
+            KeystoreLocation::file(setup.keystore),
             RootKeySource::KeyFile(setup.root_key_file),
         )
     } else {

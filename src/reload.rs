@@ -1,13 +1,11 @@
-//! Keeps the server's keyring in step with the keystore file, and runs scheduled rotation.
+//! Keeps the server's keyring in step with the keystore, and runs scheduled rotation.
 //!
-//! The file is polled (cheap `stat`, every [`POLL_INTERVAL`]) and reloaded on SIGHUP. Polling
-//! rather than inotify because keystore writes replace the file by rename (a new inode each
-//! time), because it works the same on hostPath, NFS and overlay mounts, and because it bounds
-//! the time to notice a change with no moving parts. A keystore that fails to load, goes back
-//! in generation, or drops a KEK is refused: the server keeps the keyring it has and says why.
+//! The store reports possible changes (a polled file, an etcd watch; see
+//! [`crate::keystore::backend::Changes`]), and SIGHUP forces a reload. The rules are the same
+//! for every backend: a keystore that fails to load, goes back in generation, diverged, or
+//! drops a KEK is refused, and the server keeps the keyring it has and says why.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,31 +13,9 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 use crate::keyring::{Keyring, SharedKeyring};
-use crate::keystore::{self, Actor, HistoryEntry, KeyState, KeystoreError, RootKeyProvider, Store};
+use crate::keystore::backend::{blocking, ReloadError, POLL_INTERVAL};
+use crate::keystore::{Actor, HistoryEntry, KeyState, KeystoreError, RootKeyProvider, Store};
 use crate::usage::{UsageTracker, FLUSH_INTERVAL};
-
-/// How often the keystore file's metadata is checked; well inside the 2 s promise.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
-/// Longest a keystore read may take before the reload gives up (a hung NFS mount, say); the
-/// server keeps serving what it has meanwhile.
-pub const KEYSTORE_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Name of the sealed keystore copy kept in `--cache-dir`.
-pub const CACHE_FILE: &str = "keystore.cache.lkms";
-
-/// Where a server writes decrypt usage: beside a file keystore, or in the cache directory of
-/// an etcd one (each node counts its own; `keys list` sums them from the node records).
-pub fn usage_path_for(store: &Store, cache_dir: Option<&Path>) -> PathBuf {
-    match (store, cache_dir) {
-        (Store::File(p), _) => crate::usage::usage_path(p),
-        (Store::Etcd(_), Some(dir)) => dir.join("usage.json"),
-        (Store::Etcd(_), None) => std::env::temp_dir().join("localkms-usage.json"),
-    }
-}
-
-/// The cached copy of an etcd keystore in `dir`.
-pub fn cache_path(dir: &Path) -> PathBuf {
-    dir.join(CACHE_FILE)
-}
 
 /// What one reload attempt did.
 #[derive(Debug)]
@@ -70,29 +46,12 @@ pub struct ReloadCounters {
     pub failed: AtomicU64,
 }
 
-/// Identity and version of the file on disk, for change detection without reading it.
-type Fingerprint = Option<(u64, u64, u64, i64, i64, i64, i64)>;
-
-fn fingerprint(path: &Path) -> Fingerprint {
-    std::fs::metadata(path).ok().map(|m| {
-        (
-            m.dev(),
-            m.ino(),
-            m.len(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec(),
-        )
-    })
-}
-
 /// Reloads the keystore into a [`SharedKeyring`].
 pub struct Reloader {
     store: Store,
     /// For etcd keystores: a sealed copy of the last keystore loaded, to start from when etcd
     /// is down.
-    cache: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
     /// Where decrypt usage is written.
     usage_path: PathBuf,
     root: Arc<RootKeyProvider>,
@@ -115,10 +74,10 @@ impl Reloader {
         history: Vec<HistoryEntry>,
     ) -> Self {
         let usage = Arc::clone(keyring.load().usage());
-        let usage_path = usage_path_for(&store, None);
+        let usage_path = store.usage_path(None);
         Reloader {
             store,
-            cache: None,
+            cache_dir: None,
             usage_path,
             root,
             keyring,
@@ -146,8 +105,8 @@ impl Reloader {
     /// For etcd keystores: keep a sealed copy of every keystore loaded in `dir`, and write
     /// decrypt usage there.
     pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
-        self.usage_path = usage_path_for(&self.store, dir.as_deref());
-        self.cache = dir.map(|d| cache_path(&d));
+        self.usage_path = self.store.usage_path(dir.as_deref());
+        self.cache_dir = dir;
         self
     }
 
@@ -165,53 +124,16 @@ impl Reloader {
     /// Loads the file now and swaps it in if the safety rules allow. `force` reloads even
     /// when the generation is unchanged (SIGHUP).
     pub async fn reload(&self, force: bool) -> ReloadOutcome {
-        let (ks, raw) = match &self.store {
-            Store::File(path) => {
-                let file = path.clone();
-                let root = Arc::clone(&self.root);
-                let check = self.check_files;
-                let task = tokio::task::spawn_blocking(move || {
-                    if check {
-                        keystore::file::check_private_file(&file).map_err(Err)?;
-                    }
-                    keystore::load(&file, &root).map_err(Ok)
-                });
-                match tokio::time::timeout(KEYSTORE_READ_TIMEOUT, task).await {
-                    Ok(Ok(Ok(ks))) => (ks, None),
-                    Ok(Ok(Err(Ok(e)))) => return ReloadOutcome::Failed(e),
-                    Ok(Ok(Err(Err(e)))) => {
-                        return ReloadOutcome::Refused(format!(
-                            "{e} (the same check start-up applies; fix the file's owner and mode)"
-                        ))
-                    }
-                    Ok(Err(join)) => {
-                        return ReloadOutcome::Refused(format!("reload task failed: {join}"));
-                    }
-                    Err(_) => {
-                        return ReloadOutcome::Failed(KeystoreError::Io {
-                            path: path.clone(),
-                            source: std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                format!(
-                                    "reading it took longer than {} s",
-                                    KEYSTORE_READ_TIMEOUT.as_secs()
-                                ),
-                            ),
-                        })
-                    }
-                }
-            }
-            Store::Etcd(_) => {
-                let bytes = match self.store.read_raw().await {
-                    Ok((bytes, _)) => bytes,
-                    Err(e) => return ReloadOutcome::Failed(e),
-                };
-                match keystore::file::decode_with(&self.store.name(), &bytes, &self.root) {
-                    Ok(ks) => (ks, Some(bytes)),
-                    Err(e) => return ReloadOutcome::Failed(e),
-                }
-            }
+        let reloaded = match self
+            .store
+            .read_for_reload(&self.root, self.check_files)
+            .await
+        {
+            Ok(r) => r,
+            Err(ReloadError::Failed(e)) => return ReloadOutcome::Failed(e),
+            Err(ReloadError::Refused(why)) => return ReloadOutcome::Refused(why),
         };
+        let (ks, cached) = (reloaded.keystore, reloaded.cache);
         let current = self.keyring.load();
         let (from, to) = (current.generation(), ks.generation());
         if to < from {
@@ -248,11 +170,7 @@ impl Reloader {
         }
         self.keyring.store(next);
         self.log_new_history(history);
-        if let (Some(cache), Some(bytes)) = (&self.cache, raw) {
-            if let Err(e) = keystore::file::replace_raw(cache, &bytes) {
-                tracing::warn!(cache = %cache.display(), error = %e, "could not update the keystore cache");
-            }
-        }
+        self.store.keep_cache(cached, self.cache_dir.as_deref());
         ReloadOutcome::Swapped { from, to }
     }
 
@@ -347,7 +265,7 @@ impl Reloader {
 
     fn flush_usage(&self, force: bool) {
         // A write and an fsync: off the async workers.
-        let result = keystore::store::blocking(|| self.usage.flush(&self.usage_path, force));
+        let result = blocking(|| self.usage.flush(&self.usage_path, force));
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not write key usage");
         }
@@ -364,24 +282,29 @@ impl Reloader {
                 None
             }
         };
-        let file = self.store.name();
-        let is_file = matches!(self.store, Store::File(_));
-        let mut last = if is_file { fingerprint(&file) } else { None };
-        let mut etcd_changes = match &self.store {
-            Store::Etcd(etcd) => {
-                let (tx, rx) = tokio::sync::mpsc::channel(1);
-                tokio::spawn(watch_etcd(etcd.clone(), tx));
-                Some(rx)
-            }
-            Store::File(_) => None,
-        };
+        let mut changes = self.store.changes();
         let mut last_flush = Instant::now();
         let mut last_rotation_attempt: Option<Instant> = None;
         tokio::pin!(shutdown);
+        enum Event {
+            Tick,
+            Changed,
+            Hangup,
+        }
         loop {
-            let force = tokio::select! {
+            let event = tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tokio::time::sleep(POLL_INTERVAL) => {
+                _ = tokio::time::sleep(POLL_INTERVAL) => Event::Tick,
+                () = changes.next() => Event::Changed,
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Event::Hangup,
+            };
+            match event {
+                Event::Tick => {
                     if last_flush.elapsed() >= FLUSH_INTERVAL {
                         last_flush = Instant::now();
                         self.flush_usage(false);
@@ -389,120 +312,41 @@ impl Reloader {
                     if let Some(after) = self.rotation_due() {
                         // Retry a failed rotation at most every 30 s (or every --rotate-after,
                         // if that is shorter, so a short schedule is kept too).
-                        let retry = Duration::from_secs(30).min(self.rotate_after.unwrap_or(Duration::MAX));
+                        let retry =
+                            Duration::from_secs(30).min(self.rotate_after.unwrap_or(Duration::MAX));
                         if last_rotation_attempt.is_none_or(|t| t.elapsed() >= retry) {
                             last_rotation_attempt = Some(Instant::now());
                             self.scheduled_rotation(after).await;
-                            if is_file {
-                                last = fingerprint(&file);
-                            }
-                            continue;
+                            changes.seen();
                         }
                     }
-                    if !is_file {
-                        continue;
-                    }
-                    let now = fingerprint(&file);
-                    if now == last {
-                        continue;
-                    }
-                    last = now;
-                    false
                 }
-                Some(()) = async {
-                    match etcd_changes.as_mut() {
-                        Some(rx) => rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => false,
-                Some(()) = async {
-                    match hangup.as_mut() {
-                        Some(h) => h.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                Event::Changed => self.reload_and_log(false).await,
+                Event::Hangup => {
                     tracing::info!("SIGHUP received: reloading the keystore");
-                    if is_file {
-                        last = fingerprint(&file);
-                    }
-                    true
+                    changes.seen();
+                    self.reload_and_log(true).await;
                 }
-            };
-            self.reload_and_log(force).await;
+            }
         }
         self.flush_usage(true);
-    }
-}
-
-/// Sends `()` on `changes` whenever the etcd keystore key changes: from a watch while one can
-/// be held, otherwise by polling its revision every second. Ends when the receiver is gone.
-async fn watch_etcd(etcd: crate::etcd::Etcd, changes: tokio::sync::mpsc::Sender<()>) {
-    let key = etcd.target().keystore_key();
-    // The store revision already seen: a watch resumes after it, so nothing is missed and
-    // compaction of older revisions does not matter.
-    let mut seen = etcd.get_with_revision(&key).await.map_or(0, |(_, rev)| rev);
-    let mut warned = false;
-    while !changes.is_closed() {
-        match etcd.watch(&key, seen).await {
-            Ok(mut watch) => {
-                warned = false;
-                loop {
-                    let msg = tokio::select! {
-                        _ = changes.closed() => return,
-                        msg = watch.stream.message() => msg,
-                    };
-                    match msg {
-                        Ok(Some(resp)) if !resp.canceled && resp.compact_revision == 0 => {
-                            if let Some(h) = &resp.header {
-                                seen = seen.max(h.revision);
-                            }
-                            if !resp.events.is_empty() {
-                                let _ = changes.send(()).await;
-                            }
-                        }
-                        Ok(Some(resp)) if resp.compact_revision > 0 => {
-                            // Our start revision was compacted away: resume from now and
-                            // reload in case the key changed in between.
-                            tracing::debug!(
-                                compact_revision = resp.compact_revision,
-                                "etcd watch compacted; resuming from the current revision"
-                            );
-                            if let Ok((_, rev)) = etcd.get_with_revision(&key).await {
-                                seen = rev;
-                            }
-                            let _ = changes.send(()).await;
-                            break;
-                        }
-                        _ => {
-                            tracing::warn!("etcd watch ended; re-establishing it (still serving the loaded keyring)");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                if !warned {
-                    tracing::warn!(error = %e, "cannot watch the etcd keystore; polling it every second until etcd answers");
-                    warned = true;
-                }
-            }
-        }
-        // Catch anything that changed while there was no watch.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Ok((kv, rev)) = etcd.get_with_revision(&key).await {
-            if kv.is_some_and(|kv| kv.mod_revision > seen) {
-                let _ = changes.send(()).await;
-            }
-            seen = seen.max(rev);
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keystore;
     use crate::keystore::model::tests::{actor, fresh};
     use crate::keystore::{RootKey, RootKeyProvider};
+
+    fn file_store(path: &std::path::Path) -> Store {
+        Store::open(
+            &crate::keystore::KeystoreLocation::parse(path.to_str().expect("utf8")).expect("path"),
+            &Default::default(),
+        )
+        .expect("store")
+    }
 
     fn setup() -> (
         tempfile::TempDir,
@@ -525,7 +369,7 @@ mod tests {
     async fn rotation_is_picked_up_and_rollback_refused() {
         let (_dir, path, root, shared, history) = setup();
         let reloader = Reloader::new(
-            Store::File(path.clone()),
+            file_store(&path),
             Arc::clone(&root),
             shared.clone(),
             history,
@@ -562,7 +406,7 @@ mod tests {
             keystore::model::tests::clone_for_test(&keystore::load(&path, &root).expect("load"));
         std::fs::remove_file(&path).expect("rm");
         keystore::create(&path, &root, &other).expect("create");
-        let reloader = Reloader::new(Store::File(path), root, shared.clone(), history);
+        let reloader = Reloader::new(file_store(&path), root, shared.clone(), history);
         match reloader.reload(false).await {
             ReloadOutcome::Refused(why) => assert!(why.contains("diverged"), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),
@@ -579,7 +423,7 @@ mod tests {
         let (_dir, path, root, shared, history) = setup();
         let before = shared.load().primary_id().cloned();
         std::fs::write(&path, b"garbage").expect("write");
-        let reloader = Reloader::new(Store::File(path), root, shared.clone(), history);
+        let reloader = Reloader::new(file_store(&path), root, shared.clone(), history);
         assert!(matches!(
             reloader.reload(true).await,
             ReloadOutcome::Failed(_)
@@ -596,7 +440,7 @@ mod tests {
         other.generation = 5;
         std::fs::remove_file(&path).expect("rm");
         keystore::create(&path, &root, &other).expect("create");
-        let reloader = Reloader::new(Store::File(path), root, shared.clone(), history);
+        let reloader = Reloader::new(file_store(&path), root, shared.clone(), history);
         match reloader.reload(false).await {
             ReloadOutcome::Refused(why) => assert!(why.contains("tombstone"), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),
@@ -608,7 +452,7 @@ mod tests {
     async fn scheduled_rotation_rotates_when_due() {
         let (_dir, path, root, shared, history) = setup();
         let old = shared.load().primary_id().cloned();
-        let reloader = Reloader::new(Store::File(path), root, shared.clone(), history)
+        let reloader = Reloader::new(file_store(&path), root, shared.clone(), history)
             .with_rotate_after(Some(Duration::from_secs(0)));
         let after = reloader.rotation_due().expect("due");
         reloader.scheduled_rotation(after).await;

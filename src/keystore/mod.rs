@@ -3,21 +3,24 @@
 //! [`model`] holds the in-memory keystore and its lifecycle operations, [`format`] the byte
 //! layout, [`file`] the locked, atomic reads and writes, and [`root_key`] the key that seals it.
 
-pub mod file;
+pub mod backend;
 pub mod format;
 pub mod model;
 pub mod root_key;
-pub mod store;
+
+/// The file backend's functions, for tests, benches and fuzz targets that work on files.
+pub use backend::file;
 
 use std::path::PathBuf;
 
+pub use backend::etcd::{EtcdError, EtcdTarget, EtcdTls};
+pub use backend::{KeystoreLocation, Store};
 pub use file::{create, load, reseal, update};
 pub use model::{
     Action, Actor, DestroyEvidence, DestroyGuard, HistoryEntry, KekRecord, KeyState, Keystore,
     LifecycleError, DEFAULT_MIN_RETIRED_AGE,
 };
 pub use root_key::{Kdf, RootKey, RootKeyError, RootKeyProvider, RootKeySource};
-pub use store::{KeystoreLocation, Store};
 
 use crate::crypto::CryptoError;
 
@@ -76,7 +79,7 @@ pub enum KeystoreError {
     Crypto(#[from] CryptoError),
     /// etcd could not be reached or refused the request.
     #[error(transparent)]
-    Etcd(#[from] crate::etcd::EtcdError),
+    Etcd(#[from] backend::etcd::EtcdError),
     /// Concurrent writers kept winning the compare-and-swap.
     #[error(
         "keystore {0} kept changing under us ({1} attempts); another writer is busy: try again"

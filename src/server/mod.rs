@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 
-use crate::etcd::EtcdTls;
 use crate::keyring::{Keyring, SharedKeyring};
-use crate::keystore::{
-    self, Keystore, KeystoreError, KeystoreLocation, RootKeyProvider, RootKeySource, Store,
-};
+use crate::keystore::EtcdTls;
+use crate::keystore::{KeystoreError, KeystoreLocation, RootKeyProvider, RootKeySource, Store};
 use crate::proto::v1beta1::key_management_service_server::KeyManagementServiceServer as V1Server;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::reload::Reloader;
@@ -216,8 +214,8 @@ fn check_socket_exposure(config: &ServeConfig) -> Result<(), ServerError> {
 pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
     check_socket_exposure(config)?;
     let store = Store::open(&config.keystore, &config.etcd_tls)?;
-    if let (Store::File(path), false) = (&store, config.insecure_skip_file_checks) {
-        keystore::file::check_private_file(path)?;
+    if !config.insecure_skip_file_checks {
+        store.check_private()?;
     }
     let root = RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?;
     let ks = store.load(&root).await?;
@@ -242,52 +240,6 @@ pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
     ))
 }
 
-/// Loads the keystore to start from: from its store, or for an etcd keystore that cannot be
-/// reached, from the local sealed cache.
-async fn initial_keystore(
-    store: &Store,
-    root: &RootKeyProvider,
-    cache_dir: Option<&std::path::Path>,
-) -> Result<Keystore, KeystoreError> {
-    let Store::Etcd(_) = store else {
-        return store.load(root).await;
-    };
-    let cache = cache_dir.map(crate::reload::cache_path);
-    let from_etcd = match tokio::time::timeout(Duration::from_secs(5), store.read_raw()).await {
-        Ok(Ok((bytes, _))) => Ok(bytes),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(KeystoreError::Etcd(crate::etcd::EtcdError::StreamEnded(
-            "Range (no answer within 5 s)",
-        ))),
-    };
-    match from_etcd {
-        Ok(bytes) => {
-            let ks = keystore::file::decode_with(&store.name(), &bytes, root)?;
-            if let Some(cache) = &cache {
-                if let Err(e) = keystore::file::replace_raw(cache, &bytes) {
-                    tracing::warn!(cache = %cache.display(), error = %e, "could not write the keystore cache");
-                }
-            }
-            Ok(ks)
-        }
-        Err(err) => {
-            let Some(cache) = cache else {
-                return Err(err);
-            };
-            match keystore::load(&cache, root) {
-                Ok(ks) => {
-                    tracing::warn!(error = %err, cache = %cache.display(), generation = ks.generation(), "etcd is unreachable: serving from the local keystore cache and retrying etcd in the background");
-                    Ok(ks)
-                }
-                Err(cache_err) => {
-                    tracing::error!(error = %cache_err, "no usable keystore cache either");
-                    Err(err)
-                }
-            }
-        }
-    }
-}
-
 /// Loads the keystore, binds the socket, serves until `shutdown`, and keeps the keyring in
 /// step with the keystore file meanwhile. The socket file is removed on the way out.
 pub async fn serve(
@@ -300,8 +252,8 @@ pub async fn serve(
         tracing::warn!(
             "--insecure-skip-file-checks: NOT checking who owns or can read the keystore"
         );
-    } else if let Store::File(path) = &store {
-        keystore::file::check_private_file(path)?;
+    } else {
+        store.check_private()?;
     }
     if let Some(dir) = &config.cache_dir {
         let mut builder = std::fs::DirBuilder::new();
@@ -312,8 +264,8 @@ pub async fn serve(
         })?;
     }
     let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
-    let ks = initial_keystore(&store, &root, config.cache_dir.as_deref()).await?;
-    let usage_path = crate::reload::usage_path_for(&store, config.cache_dir.as_deref());
+    let ks = store.initial(&root, config.cache_dir.as_deref()).await?;
+    let usage_path = store.usage_path(config.cache_dir.as_deref());
     let usage = match usage::read_usage(&usage_path) {
         Ok(file) => UsageTracker::from_file(&file),
         Err(e) => {
@@ -341,7 +293,7 @@ pub async fn serve(
         .map(|id| id.to_string())
         .unwrap_or_default();
     let keyring = SharedKeyring::new(ring);
-    let metrics = Arc::new(Metrics::for_store(matches!(store, Store::Etcd(_))));
+    let metrics = Arc::new(Metrics::for_store(store.is_shared()));
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(endpoints::bind(addr, config.metrics_allow_non_loopback).await?),
         None => None,
@@ -381,13 +333,12 @@ pub async fn serve(
         );
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Store::Etcd(etcd) = &store {
+    if let Some(nodes) = store.nodes() {
         if config.cache_dir.is_none() {
             tracing::warn!("no --cache-dir: this server cannot start while etcd is unreachable");
         }
         let mut publish_stop = stop_rx.clone();
-        tokio::spawn(crate::nodes::run_publisher(
-            etcd.clone(),
+        tokio::spawn(nodes.publish_until(
             config.node_name.clone(),
             config.node_ttl,
             keyring.clone(),

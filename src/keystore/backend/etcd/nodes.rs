@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::etcd::{Etcd, EtcdError};
+use super::client::{Etcd, EtcdError};
 use crate::usage::{UsageFile, UsageRecord};
 
 /// One server's report.
@@ -30,6 +30,37 @@ pub struct NodeRecord {
     /// Since when this node's usage counts run, Unix seconds (absent from older servers).
     #[serde(default)]
     pub counting_since_unix: Option<i64>,
+}
+
+/// The node records of one etcd keystore: what `localkms nodes`, two-phase rotation and the
+/// destroy guard read, and what each server publishes.
+#[derive(Clone)]
+pub struct Nodes {
+    etcd: Etcd,
+}
+
+impl Nodes {
+    pub(crate) fn new(etcd: Etcd) -> Self {
+        Nodes { etcd }
+    }
+
+    /// Every live node's record, sorted by name.
+    pub async fn list(&self) -> Result<Vec<NodeRecord>, EtcdError> {
+        list(&self.etcd).await
+    }
+
+    /// Publishes this server's state as `node` under a lease of `ttl` until `shutdown`
+    /// (see [`run_publisher`]).
+    pub async fn publish_until(
+        self,
+        node: String,
+        ttl: std::time::Duration,
+        keyring: crate::keyring::SharedKeyring,
+        metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        run_publisher(self.etcd, node, ttl, keyring, metrics, shutdown).await
+    }
 }
 
 /// Every live node's record, sorted by name.

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
-use super::format::{self, FormatError, MAX_FILE_LEN};
-use super::model::Keystore;
-use super::root_key::{RootKey, RootKeyProvider};
-use super::KeystoreError;
+use crate::keystore::format::{self, FormatError, MAX_FILE_LEN};
+use crate::keystore::model::Keystore;
+use crate::keystore::root_key::{RootKey, RootKeyProvider};
+use crate::keystore::KeystoreError;
 
 /// How many previous generations stay on disk as `PATH.bak.N`.
 pub const BACKUPS_KEPT: usize = 3;
@@ -63,12 +63,12 @@ pub fn check_private_file(path: &Path) -> Result<(), KeystoreError> {
                 std::io::ErrorKind::InvalidInput,
                 format!(
                     "not a regular file ({}); replace it with the real file",
-                    super::describe(meta.file_type())
+                    crate::keystore::describe(meta.file_type())
                 ),
             ),
         });
     }
-    super::root_key::check_private(path, &meta).map_err(KeystoreError::from)
+    crate::keystore::root_key::check_private(path, &meta).map_err(KeystoreError::from)
 }
 
 /// Reads and opens the keystore at `path`, deriving the root key as its header says.
@@ -90,7 +90,7 @@ pub fn decode_with(
 
 /// Reads a keystore file, refusing anything larger than a keystore can be.
 pub fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
-    let file = super::open_regular(path).map_err(io_err(path))?;
+    let file = crate::keystore::open_regular(path).map_err(io_err(path))?;
     let len = file.metadata().map_err(io_err(path))?.len();
     if len > MAX_FILE_LEN {
         return Err(KeystoreError::Corrupted {
@@ -360,7 +360,7 @@ impl Lock {
                     std::io::ErrorKind::InvalidInput,
                     format!(
                         "the lock file is {}, not a regular file; remove it",
-                        super::describe(kind)
+                        crate::keystore::describe(kind)
                     ),
                 ),
             });

@@ -1,0 +1,445 @@
+//! Where a keystore lives: a file on this node, or a key in etcd shared by every node. This
+//! module is the only place that knows which: everything else holds a [`Store`] and asks it to
+//! load, update, report changes, start up from its cache, and say where usage is kept.
+//!
+//! Both backends hold the same sealed bytes. File writes go through the lock-and-rename path
+//! in [`file`]; etcd writes are compare-and-swap transactions on the blob's modification
+//! revision, retried on conflict, so two operators or nodes never lose each other's changes.
+//! Blocking work (locks with waits, fsync, Argon2id) runs through [`blocking`], never directly
+//! on an async worker.
+
+pub mod etcd;
+pub mod file;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::model::Keystore;
+use super::root_key::RootKeyProvider;
+use super::KeystoreError;
+use crate::usage::{UsageError, UsageFile};
+use etcd::{Etcd, EtcdError, EtcdTarget, EtcdTls};
+
+pub use etcd::nodes::Nodes;
+
+/// How often a file keystore's metadata is checked for changes; well inside the 2 s promise.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest a keystore file read may take before a reload gives up (a hung NFS mount, say);
+/// the server keeps serving what it has meanwhile.
+pub const KEYSTORE_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A keystore location as given to `--keystore`: shown in every message about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeystoreLocation {
+    /// A file.
+    File(PathBuf),
+    /// A key in etcd.
+    Etcd(EtcdTarget),
+}
+
+impl KeystoreLocation {
+    /// `etcd://…` is etcd; anything else is a file path.
+    pub fn parse(s: &str) -> Result<Self, EtcdError> {
+        if s.starts_with("etcd://") {
+            EtcdTarget::parse(s).map(KeystoreLocation::Etcd)
+        } else {
+            Ok(KeystoreLocation::File(PathBuf::from(s)))
+        }
+    }
+
+    /// A file keystore at `path` (for `serve --dev`).
+    pub fn file(path: PathBuf) -> Self {
+        KeystoreLocation::File(path)
+    }
+}
+
+impl std::fmt::Display for KeystoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeystoreLocation::File(p) => write!(f, "{}", p.display()),
+            KeystoreLocation::Etcd(t) => write!(f, "{t}"),
+        }
+    }
+}
+
+/// An opened keystore location.
+#[derive(Clone)]
+pub struct Store {
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    File(PathBuf),
+    Etcd(Etcd),
+}
+
+/// Runs blocking file work (locks with waits, fsync, Argon2id) without stalling the async
+/// workers: on a multi-threaded runtime the worker hands its other tasks over first
+/// (`block_in_place`); elsewhere (a current-thread runtime, or none) it simply runs.
+pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
+/// Why a reload could not use what the store holds.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// It could not be read or opened.
+    Failed(KeystoreError),
+    /// It was read but a safety check refuses it.
+    Refused(String),
+}
+
+/// A keystore read for a reload, with what it takes to refresh the start-up cache.
+pub struct Reloaded {
+    /// The keystore.
+    pub keystore: Keystore,
+    /// For etcd: the sealed copy to keep in the cache once the keystore is in use.
+    pub cache: Option<CachedCopy>,
+}
+
+/// Sealed keystore bytes to keep as the start-up cache (see [`Store::keep_cache`]).
+pub struct CachedCopy(Vec<u8>);
+
+/// Tells the reload loop when the keystore may have changed: a cheap `stat` of a file (polled
+/// every [`POLL_INTERVAL`]; writes replace the file by rename, and this works the same on
+/// hostPath, NFS and overlay mounts), or an etcd watch.
+pub struct Changes {
+    kind: ChangesKind,
+}
+
+enum ChangesKind {
+    File { path: PathBuf, last: Fingerprint },
+    Etcd(tokio::sync::mpsc::Receiver<()>),
+}
+
+/// Identity and version of a file, for change detection without reading it.
+type Fingerprint = Option<(u64, u64, u64, i64, i64, i64, i64)>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    std::fs::metadata(path).ok().map(|m| {
+        (
+            m.dev(),
+            m.ino(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        )
+    })
+}
+
+impl Changes {
+    /// Resolves when the keystore may have changed since the last call (or [`Self::seen`]).
+    pub async fn next(&mut self) {
+        match &mut self.kind {
+            // Checks at once, then every POLL_INTERVAL: a caller that drops this future and
+            // calls again never delays the check.
+            ChangesKind::File { path, last } => loop {
+                let now = fingerprint(path);
+                if now != *last {
+                    *last = now;
+                    return;
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            },
+            ChangesKind::Etcd(rx) => {
+                if rx.recv().await.is_none() {
+                    // The watch task is gone: nothing will ever change.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
+    /// Marks the current state as seen (after a reload made for another reason), so the
+    /// same change is not reported again.
+    pub fn seen(&mut self) {
+        if let ChangesKind::File { path, last } = &mut self.kind {
+            *last = fingerprint(path);
+        }
+    }
+}
+
+impl Store {
+    /// Opens `location` (for etcd, with `tls`; the connection is made on first use).
+    pub fn open(location: &KeystoreLocation, tls: &EtcdTls) -> Result<Self, KeystoreError> {
+        Ok(Store {
+            kind: match location {
+                KeystoreLocation::File(p) => Kind::File(p.clone()),
+                KeystoreLocation::Etcd(t) => Kind::Etcd(Etcd::connect(t, tls)?),
+            },
+        })
+    }
+
+    /// The location, for messages (a path-like value naming the etcd key).
+    pub fn name(&self) -> PathBuf {
+        match &self.kind {
+            Kind::File(p) => p.clone(),
+            Kind::Etcd(e) => PathBuf::from(format!("{}", e.target())),
+        }
+    }
+
+    /// Whether several nodes share this keystore (etcd): rotations are then two-phase and
+    /// the cluster metrics mean something.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.kind, Kind::Etcd(_))
+    }
+
+    /// The other servers sharing this keystore, when it is shared.
+    pub fn nodes(&self) -> Option<Nodes> {
+        match &self.kind {
+            Kind::File(_) => None,
+            Kind::Etcd(e) => Some(Nodes::new(e.clone())),
+        }
+    }
+
+    /// The sealed bytes and, for etcd, their modification revision.
+    pub async fn read_raw(&self) -> Result<(Vec<u8>, i64), KeystoreError> {
+        match &self.kind {
+            Kind::File(p) => Ok((blocking(|| file::read_bounded(p))?, 0)),
+            Kind::Etcd(e) => etcd::read_raw(e, &self.name()).await,
+        }
+    }
+
+    /// Loads and opens the keystore.
+    pub async fn load(&self, root: &RootKeyProvider) -> Result<Keystore, KeystoreError> {
+        match &self.kind {
+            Kind::File(p) => blocking(|| file::load(p, root)),
+            Kind::Etcd(e) => Ok(etcd::load_with_revision(e, &self.name(), root).await?.0),
+        }
+    }
+
+    /// Opens sealed bytes read from this store.
+    pub fn decode(&self, bytes: &[u8], root: &RootKeyProvider) -> Result<Keystore, KeystoreError> {
+        blocking(|| file::decode_with(&self.name(), bytes, root))
+    }
+
+    /// Refuses to create a keystore over an existing one, and creates a file keystore's
+    /// missing directories (0700, as they will hold key material). Returns the directory it
+    /// created, if any, so the command can say so.
+    pub fn prepare_create(&self) -> Result<Option<PathBuf>, KeystoreError> {
+        match &self.kind {
+            Kind::File(p) if p.exists() => Err(KeystoreError::AlreadyExists(p.clone())),
+            Kind::File(p) => create_parent_dir(p),
+            Kind::Etcd(_) => Ok(None),
+        }
+    }
+
+    /// Writes a brand-new keystore, refusing to replace one.
+    pub async fn create(&self, root: &RootKeyProvider, ks: &Keystore) -> Result<(), KeystoreError> {
+        match &self.kind {
+            Kind::File(p) => blocking(|| file::create(p, root, ks)),
+            Kind::Etcd(e) => etcd::create(e, &self.name(), root, ks).await,
+        }
+    }
+
+    /// Writes sealed bytes as a new keystore, refusing to replace one (`keystore copy`).
+    pub async fn create_raw(&self, bytes: Vec<u8>) -> Result<(), KeystoreError> {
+        match &self.kind {
+            Kind::File(p) => blocking(|| file::create_raw(p, &bytes)),
+            Kind::Etcd(e) => etcd::create_raw(e, &self.name(), bytes).await,
+        }
+    }
+
+    /// Applies `change` and saves the next generation: under the file lock, or as an etcd
+    /// compare-and-swap retried (re-reading and re-applying `change`) when another writer got
+    /// there first. Nothing is written when `change` fails.
+    pub async fn update<T>(
+        &self,
+        root: &RootKeyProvider,
+        change: impl FnMut(&mut Keystore) -> Result<T, KeystoreError>,
+    ) -> Result<T, KeystoreError> {
+        match &self.kind {
+            Kind::File(p) => blocking(|| file::update(p, root, change)),
+            Kind::Etcd(e) => etcd::cas_rewrite(e, &self.name(), root, root, change).await,
+        }
+    }
+
+    /// Re-seals under a new root key (see [`file::reseal`]); on etcd, as a compare-and-swap.
+    pub async fn reseal(
+        &self,
+        old: &RootKeyProvider,
+        new: &RootKeyProvider,
+        mut record: impl FnMut(&mut Keystore),
+    ) -> Result<(), KeystoreError> {
+        match &self.kind {
+            Kind::File(p) => blocking(|| file::reseal(p, old, new, record)),
+            Kind::Etcd(e) => {
+                etcd::cas_rewrite(e, &self.name(), old, new, |ks| {
+                    ks.kdf = new.new_kdf()?;
+                    record(ks);
+                    Ok(())
+                })
+                .await
+            }
+        }
+    }
+
+    /// Refuses a keystore file that other users could read or replace (a no-op for etcd,
+    /// whose access control is etcd's).
+    pub fn check_private(&self) -> Result<(), KeystoreError> {
+        match &self.kind {
+            Kind::File(p) => file::check_private_file(p),
+            Kind::Etcd(_) => Ok(()),
+        }
+    }
+
+    /// The keystore a server starts from: the file, or etcd's copy, falling back to the
+    /// sealed cache in `cache_dir` when etcd does not answer.
+    pub async fn initial(
+        &self,
+        root: &RootKeyProvider,
+        cache_dir: Option<&Path>,
+    ) -> Result<Keystore, KeystoreError> {
+        match &self.kind {
+            Kind::File(_) => self.load(root).await,
+            Kind::Etcd(e) => etcd::initial(e, &self.name(), root, cache_dir).await,
+        }
+    }
+
+    /// Reads the keystore for a reload: a file must pass the start-up owner and mode checks
+    /// (with `check_files`) and is read off the runtime within [`KEYSTORE_READ_TIMEOUT`].
+    pub async fn read_for_reload(
+        &self,
+        root: &Arc<RootKeyProvider>,
+        check_files: bool,
+    ) -> Result<Reloaded, ReloadError> {
+        match &self.kind {
+            Kind::File(path) => {
+                let file = path.clone();
+                let root = Arc::clone(root);
+                let task = tokio::task::spawn_blocking(move || {
+                    if check_files {
+                        file::check_private_file(&file).map_err(Err)?;
+                    }
+                    file::load(&file, &root).map_err(Ok)
+                });
+                match tokio::time::timeout(KEYSTORE_READ_TIMEOUT, task).await {
+                    Ok(Ok(Ok(keystore))) => Ok(Reloaded {
+                        keystore,
+                        cache: None,
+                    }),
+                    Ok(Ok(Err(Ok(e)))) => Err(ReloadError::Failed(e)),
+                    Ok(Ok(Err(Err(e)))) => Err(ReloadError::Refused(format!(
+                        "{e} (the same check start-up applies; fix the file's owner and mode)"
+                    ))),
+                    Ok(Err(join)) => {
+                        Err(ReloadError::Refused(format!("reload task failed: {join}")))
+                    }
+                    Err(_) => Err(ReloadError::Failed(KeystoreError::Io {
+                        path: path.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "reading it took longer than {} s",
+                                KEYSTORE_READ_TIMEOUT.as_secs()
+                            ),
+                        ),
+                    })),
+                }
+            }
+            Kind::Etcd(_) => {
+                let (bytes, _) = self.read_raw().await.map_err(ReloadError::Failed)?;
+                let keystore = self.decode(&bytes, root).map_err(ReloadError::Failed)?;
+                Ok(Reloaded {
+                    keystore,
+                    cache: Some(CachedCopy(bytes)),
+                })
+            }
+        }
+    }
+
+    /// Once a reloaded keystore is in use: keeps its sealed copy as the start-up cache in
+    /// `cache_dir` (etcd).
+    pub fn keep_cache(&self, copy: Option<CachedCopy>, cache_dir: Option<&Path>) {
+        if let (Some(CachedCopy(bytes)), Some(dir)) = (copy, cache_dir) {
+            etcd::update_cache(dir, &bytes);
+        }
+    }
+
+    /// A feed of "the keystore may have changed" events. For etcd, a watch task runs until
+    /// the feed is dropped.
+    pub fn changes(&self) -> Changes {
+        Changes {
+            kind: match &self.kind {
+                Kind::File(p) => ChangesKind::File {
+                    path: p.clone(),
+                    last: fingerprint(p),
+                },
+                Kind::Etcd(e) => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(etcd::watch(e.clone(), tx));
+                    ChangesKind::Etcd(rx)
+                }
+            },
+        }
+    }
+
+    /// Where a server writes decrypt usage: beside a file keystore, or in the cache directory
+    /// of an etcd one (each node counts its own; `keys list` sums them from the node records).
+    pub fn usage_path(&self, cache_dir: Option<&Path>) -> PathBuf {
+        match (&self.kind, cache_dir) {
+            (Kind::File(p), _) => crate::usage::usage_path(p),
+            (Kind::Etcd(_), Some(dir)) => dir.join("usage.json"),
+            (Kind::Etcd(_), None) => std::env::temp_dir().join("localkms-usage.json"),
+        }
+    }
+
+    /// Decrypt usage as the commands see it: the usage file beside a file keystore, or every
+    /// live node's report summed for an etcd keystore.
+    pub async fn usage(&self) -> Result<UsageFile, UsageOrEtcdError> {
+        match &self.kind {
+            Kind::File(p) => Ok(crate::usage::read_usage(&crate::usage::usage_path(p))?),
+            Kind::Etcd(e) => Ok(etcd::nodes::merged_usage(
+                &Nodes::new(e.clone()).list().await?,
+            )),
+        }
+    }
+
+    /// What to tell an operator after staging `id`.
+    pub fn staged_hint(&self, id: &str) -> String {
+        let name = self.name();
+        match &self.kind {
+            Kind::File(_) => format!("staged {id} in {}: it decrypts but does not encrypt. Copy the keystore to every node, check each with `localkms keystore verify`, then `localkms keys promote {id}`.", name.display()),
+            Kind::Etcd(_) => format!("staged {id} in {}: it decrypts but does not encrypt. `localkms nodes` shows when every node has it; then `localkms keys promote {id}`.", name.display()),
+        }
+    }
+}
+
+/// Why usage could not be gathered.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageOrEtcdError {
+    /// The usage file is unreadable.
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    /// The node records could not be read.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+}
+
+/// Creates the missing directories above `file` with mode 0700 (they will hold key material);
+/// returns the directory when it had to be created.
+pub(crate) fn create_parent_dir(file: &Path) -> Result<Option<PathBuf>, KeystoreError> {
+    let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(None);
+    };
+    if dir.exists() {
+        return Ok(None);
+    }
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(|source| KeystoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    Ok(Some(dir.to_owned()))
+}
