@@ -18,13 +18,9 @@ pub const VERSION_LONG: &str = concat!(
     ")"
 );
 
-pub mod admin;
 pub mod cli;
-pub mod cli_output;
 pub mod client;
 pub mod crypto;
-pub mod dev;
-pub mod hardening;
 pub mod key_id;
 pub mod keyring;
 pub mod keystore;
@@ -32,7 +28,6 @@ pub mod reload;
 pub mod server;
 pub mod telemetry;
 pub mod timefmt;
-pub mod usage;
 
 /// Code generated from `proto/` by `build.rs`.
 pub mod proto {

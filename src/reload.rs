@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
+use crate::keyring::usage::{UsageTracker, FLUSH_INTERVAL};
 use crate::keyring::{Keyring, SharedKeyring};
 use crate::keystore::backend::{blocking, ReloadError, POLL_INTERVAL};
 use crate::keystore::{Actor, HistoryEntry, KeyState, KeystoreError, RootKeyProvider, Store};
-use crate::usage::{UsageTracker, FLUSH_INTERVAL};
 
 /// What one reload attempt did.
 #[derive(Debug)]

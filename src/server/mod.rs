@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 
+use crate::keyring::usage::{self, UsageTracker};
 use crate::keyring::{Keyring, SharedKeyring};
 use crate::keystore::EtcdTls;
 use crate::keystore::{KeystoreError, KeystoreLocation, RootKeyProvider, RootKeySource, Store};
@@ -24,7 +25,6 @@ use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::reload::Reloader;
 use crate::telemetry::http as endpoints;
 use crate::telemetry::metrics::Metrics;
-use crate::usage::{self, UsageTracker};
 pub use guard::{GuardConfig, GuardLayer};
 pub use incoming::AcceptPolicy;
 pub use status::code_for;

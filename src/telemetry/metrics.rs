@@ -328,7 +328,7 @@ pub type SharedMetrics = Arc<Metrics>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::UsageTracker;
+    use crate::keyring::usage::UsageTracker;
 
     #[test]
     fn renders_every_documented_metric() {

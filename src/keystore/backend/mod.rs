@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::model::Keystore;
 use super::root_key::RootKeyProvider;
 use super::KeystoreError;
-use crate::usage::{UsageError, UsageFile};
+use crate::keyring::usage::{UsageError, UsageFile};
 use etcd::{Etcd, EtcdError, EtcdTarget, EtcdTls};
 
 pub use etcd::nodes::Nodes;
@@ -388,7 +388,7 @@ impl Store {
     /// of an etcd one (each node counts its own; `keys list` sums them from the node records).
     pub fn usage_path(&self, cache_dir: Option<&Path>) -> PathBuf {
         match (&self.kind, cache_dir) {
-            (Kind::File(p), _) => crate::usage::usage_path(p),
+            (Kind::File(p), _) => crate::keyring::usage::usage_path(p),
             (Kind::Etcd(_), Some(dir)) => dir.join("usage.json"),
             (Kind::Etcd(_), None) => std::env::temp_dir().join("localkms-usage.json"),
         }
@@ -398,7 +398,9 @@ impl Store {
     /// live node's report summed for an etcd keystore.
     pub async fn usage(&self) -> Result<UsageFile, UsageOrEtcdError> {
         match &self.kind {
-            Kind::File(p) => Ok(crate::usage::read_usage(&crate::usage::usage_path(p))?),
+            Kind::File(p) => Ok(crate::keyring::usage::read_usage(
+                &crate::keyring::usage::usage_path(p),
+            )?),
             Kind::Etcd(e) => Ok(etcd::nodes::merged_usage(
                 &Nodes::new(e.clone()).list().await?,
             )),

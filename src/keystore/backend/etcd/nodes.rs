@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::client::{Etcd, EtcdError};
-use crate::usage::{UsageFile, UsageRecord};
+use crate::keyring::usage::{UsageFile, UsageRecord};
 
 /// One server's report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

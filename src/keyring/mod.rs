@@ -2,6 +2,9 @@
 //!
 //! A reload builds a whole new [`Keyring`] and swaps it in with one atomic pointer store
 //! ([`SharedKeyring`]); requests load the current pointer without a lock and never touch disk.
+//! Decrypt usage per KEK is counted here too ([`usage`]), with two atomic stores per request.
+
+pub mod usage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +16,7 @@ use crate::crypto::envelope::{self, Envelope, EnvelopeError};
 use crate::crypto::SecretKey;
 use crate::key_id::KeyId;
 use crate::keystore::{KeyState, Keystore};
-use crate::usage::{KeyUsage, UsageTracker};
+use usage::{KeyUsage, UsageTracker};
 
 /// Why the keyring refused an Encrypt or Decrypt; the server maps each to a gRPC status.
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::keyring::usage::{UsageError, UsageFile};
 use crate::keystore::backend::etcd::nodes;
 use crate::keystore::backend::UsageOrEtcdError;
 use crate::keystore::{
@@ -17,7 +18,6 @@ use crate::keystore::{
 };
 use crate::keystore::{EtcdError, EtcdTls};
 use crate::timefmt::rfc3339;
-use crate::usage::{UsageError, UsageFile};
 
 /// One KEK as `keys list` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -140,7 +140,7 @@ pub fn verify_report(path: &Path, ks: &Keystore) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::UsageRecord;
+    use crate::keyring::usage::UsageRecord;
 
     #[test]
     fn listing_merges_usage() {

@@ -1,0 +1,13 @@
+//! The command line: clap definitions ([`args`]), what each command does ([`run`]), the
+//! keystore commands ([`admin`]), `serve --dev` ([`dev`]), how answers are written
+//! ([`output`]), and the process hardening every command applies first ([`hardening`]).
+
+pub mod admin;
+mod args;
+pub mod dev;
+pub mod hardening;
+pub mod output;
+mod run;
+
+pub use args::*;
+pub use run::run;

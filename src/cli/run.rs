@@ -1,0 +1,302 @@
+//! What each subcommand does: resolve its arguments into the library's types once, run it,
+//! and print its answer through [`super::output`].
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+
+use super::admin::{self, KeyChange};
+use super::args::{
+    Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RootArgs, RootKeyCommand, ServeArgs,
+};
+use super::dev;
+use super::output as cli_output;
+use crate::client;
+use crate::keystore::{KeystoreLocation, RootKeySource};
+use crate::server::{self, ServeConfig};
+use crate::telemetry;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn location(s: &str) -> anyhow::Result<KeystoreLocation> {
+    Ok(KeystoreLocation::parse(s)?)
+}
+
+fn source(root: &RootArgs) -> anyhow::Result<RootKeySource> {
+    root.source()
+        .ok_or_else(|| anyhow!("pass --root-key-file or --passphrase-file"))
+}
+
+fn opened(args: &KeystoreArgs) -> anyhow::Result<admin::Opened> {
+    Ok(admin::Opened::open(
+        &location(&args.keystore)?,
+        &source(&args.root)?,
+        &args.etcd.tls(),
+    )?)
+}
+
+fn print(p: admin::Printed) -> anyhow::Result<()> {
+    Ok(cli_output::emit(
+        &p.stdout,
+        &p.stderr,
+        p.committed.as_deref(),
+    )?)
+}
+
+fn println_out(text: String) -> anyhow::Result<()> {
+    Ok(cli_output::emit(&format!("{text}\n"), "", None)?)
+}
+
+/// Runs the command `cli` names. Errors carry what the operator needs (the file, what to do);
+/// an [`OutputError::AfterCommit`] inside one means the change was committed.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(*args),
+        Command::Init(args) => {
+            let loc = location(&args.keystore)?;
+            let src = source(&args.root)?;
+            print(runtime()?.block_on(admin::init(&loc, &src, &args.etcd.tls()))?)
+        }
+        Command::Keys { command } => keys(command),
+        Command::Keystore { command } => {
+            let rt = runtime()?;
+            let printed = match command {
+                KeystoreCommand::Verify { keystore: args } => {
+                    rt.block_on(admin::keystore_verify(&opened(&args)?))?
+                }
+                KeystoreCommand::Copy {
+                    from,
+                    to,
+                    root,
+                    etcd,
+                } => rt.block_on(admin::keystore_copy(
+                    &location(&from)?,
+                    &location(&to)?,
+                    &source(&root)?,
+                    &etcd.tls(),
+                ))?,
+            };
+            print(printed)
+        }
+        Command::Nodes {
+            keystore: args,
+            json,
+        } => print(runtime()?.block_on(admin::nodes_list(&opened(&args)?, json))?),
+        Command::RootKey {
+            command:
+                RootKeyCommand::Rotate {
+                    keystore: args,
+                    new_root_key_file,
+                    new_passphrase_file,
+                },
+        } => {
+            let new_source = match (new_root_key_file, new_passphrase_file) {
+                (Some(p), _) => RootKeySource::KeyFile(p),
+                (None, Some(p)) => RootKeySource::PassphraseFile(p),
+                (None, None) => {
+                    return Err(anyhow!("pass --new-root-key-file or --new-passphrase-file"))
+                }
+            };
+            print(runtime()?.block_on(admin::root_key_rotate(&opened(&args)?, &new_source))?)
+        }
+        Command::Status { socket, json } => {
+            let report = runtime()?.block_on(client::status(&socket.socket))?;
+            println_out(if json {
+                serde_json::to_string(&report)?
+            } else {
+                format!(
+                    "version: {}\nhealthz: {}\nkey_id:  {}",
+                    report.version, report.healthz, report.key_id
+                )
+            })
+        }
+        Command::Bench(args) => {
+            let opts = client::BenchOptions {
+                endpoint: args.socket.socket.clone(),
+                api: args.api,
+                op: args.op,
+                concurrency: args.concurrency,
+                connections: args.connections,
+                duration: args.duration.unwrap_or(std::time::Duration::from_secs(10)),
+                requests: args.requests,
+                plaintext_size: args.plaintext_size,
+                progress: true,
+            };
+            let report = runtime()?.block_on(client::bench(opts))?;
+            println_out(if args.json {
+                serde_json::to_string(&report)?
+            } else {
+                report.text()
+            })
+        }
+        Command::Check { socket, timeout } => {
+            let report = runtime()?
+                .block_on(async {
+                    tokio::time::timeout(timeout, client::check(&socket.socket)).await
+                })
+                .map_err(|_| client::ClientError::Timeout(socket.socket.clone().into()))??;
+            println_out(format!(
+                "ok: {} answered Status (version {}, key_id {}), Encrypt ({} bytes) and Decrypt",
+                socket.socket, report.status.version, report.status.key_id, report.ciphertext_len
+            ))
+        }
+    }
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let printed = match command {
+        KeysCommand::List {
+            keystore: args,
+            json,
+        } => rt.block_on(admin::keys_list(&opened(&args)?, json))?,
+        KeysCommand::History {
+            keystore: args,
+            json,
+        } => rt.block_on(admin::keys_history(&opened(&args)?, json))?,
+        KeysCommand::Rotate {
+            keystore: args,
+            stage,
+            timeout,
+        } => rt.block_on(admin::keys_rotate(&opened(&args)?, stage, timeout))?,
+        KeysCommand::Promote { id, keystore: args } => rt.block_on(admin::keys_change(
+            &opened(&args)?,
+            &KeyChange::Promote,
+            &id,
+        ))?,
+        KeysCommand::Disable { id, keystore: args } => rt.block_on(admin::keys_change(
+            &opened(&args)?,
+            &KeyChange::Disable,
+            &id,
+        ))?,
+        KeysCommand::Enable { id, keystore: args } => {
+            rt.block_on(admin::keys_change(&opened(&args)?, &KeyChange::Enable, &id))?
+        }
+        KeysCommand::Destroy {
+            id,
+            keystore: args,
+            min_retired_age,
+            force,
+        } => rt.block_on(admin::keys_change(
+            &opened(&args)?,
+            &KeyChange::Destroy {
+                force,
+                min_retired_age,
+            },
+            &id,
+        ))?,
+    };
+    print(printed)
+}
+
+fn limits(args: &ServeArgs) -> server::Limits {
+    server::Limits {
+        accept: server::AcceptPolicy {
+            allow_uids: args.allow_uid.clone(),
+            allow_gids: args.allow_gid.clone(),
+            max_connections: args.max_connections,
+            handshake_timeout: args.handshake_timeout,
+            idle_timeout: args.idle_timeout,
+        },
+        max_in_flight: args.max_in_flight,
+        max_in_flight_share: args.max_in_flight_share,
+        request_timeout: args.request_timeout,
+        ..server::Limits::default()
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let socket_group = args
+        .socket_group
+        .as_deref()
+        .map(super::args::resolve_group)
+        .transpose()
+        .map_err(|e| anyhow!(e))?;
+    let node_name = args
+        .node_name
+        .clone()
+        .unwrap_or_else(|| crate::keystore::Actor::current().host);
+    let (socket, keystore, root) = if args.dev {
+        let setup = dev::prepare(Path::new(dev::DEV_DIR))?;
+        let socket = match &args.socket {
+            Some(s) => server::socket::parse_endpoint(s)?,
+            None => server::socket::Endpoint::Path(setup.socket.clone()),
+        };
+        // The warning goes to stderr; the configuration to paste goes to stdout, so
+        // `serve --dev > enc.yaml` captures exactly it.
+        telemetry::eprint_lossy(&dev::banner(&setup));
+        tracing::warn!(dir = %setup.dir.display(), "DEVELOPMENT MODE: the root key is stored unprotected next to the keystore; not for production");
+        if let Err(e) = cli_output::write_stdout(&dev::encryption_config(&socket.uri())) {
+            tracing::warn!(error = %e, "could not print the EncryptionConfiguration to stdout");
+        }
+        (
+            socket,
+            KeystoreLocation::file(setup.keystore),
+            RootKeySource::KeyFile(setup.root_key_file),
+        )
+    } else {
+        let root = match (&args.root_key_file, &args.passphrase_file) {
+            (Some(p), _) => RootKeySource::KeyFile(p.clone()),
+            (None, Some(p)) => RootKeySource::PassphraseFile(p.clone()),
+            (None, None) => {
+                return Err(anyhow!(
+                    "serve needs --root-key-file or --passphrase-file (or --dev)"
+                ))
+            }
+        };
+        let missing = || anyhow!("serve needs --socket and --keystore (or --dev)");
+        (
+            server::socket::parse_endpoint(args.socket.as_deref().ok_or_else(missing)?)?,
+            location(args.keystore.as_deref().ok_or_else(missing)?)?,
+            root,
+        )
+    };
+    let config = ServeConfig {
+        socket,
+        socket_mode: args.socket_mode,
+        socket_group,
+        allow_world: args.allow_world,
+        keystore,
+        etcd_tls: args.etcd.tls(),
+        cache_dir: args.cache_dir.clone(),
+        node_name,
+        node_ttl: args.node_ttl,
+        root,
+        status_version: args.status_version.into(),
+        rotate_after: args.rotate_after,
+        limits: limits(&args),
+        metrics_addr: args.metrics_addr,
+        metrics_allow_non_loopback: args.metrics_allow_non_loopback,
+        insecure_skip_file_checks: args.insecure_skip_file_checks,
+    };
+    let rt = runtime()?;
+    if args.check_config {
+        return println_out(rt.block_on(server::check_config(&config))?);
+    }
+    let result = rt.block_on(server::serve(config, shutdown_signal()));
+    // A blocking read stuck on a hung file must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(result?)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
