@@ -176,7 +176,7 @@ fn assert_serve_line(args: &[String], source: &str) {
             assert_eq!(a.socket.as_deref(), Some(ENDPOINT), "{source}: socket");
             assert_eq!(a.keystore.as_deref(), Some(KEYSTORE), "{source}");
             assert_eq!(
-                a.root_key_file.as_deref(),
+                a.root.root_key_file.as_deref(),
                 Some(Path::new(ROOT_KEY)),
                 "{source}"
             );

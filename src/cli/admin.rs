@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::key_id::KeyId;
 use crate::keyring::usage::{UsageError, UsageFile};
 use crate::keystore::backend::etcd::nodes;
 use crate::keystore::backend::UsageOrEtcdError;
@@ -420,7 +421,12 @@ pub enum KeyChange {
 }
 
 /// `keys promote|disable|enable|destroy`.
-pub async fn keys_change(o: &Opened, change: &KeyChange, id: &str) -> Result<Printed, AdminError> {
+pub async fn keys_change(
+    o: &Opened,
+    change: &KeyChange,
+    id: &KeyId,
+) -> Result<Printed, AdminError> {
+    let id = id.as_str();
     let actor = Actor::current();
     let guard = match change {
         KeyChange::Destroy { force: true, .. } => Some(DestroyGuard::Force),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::key_id::KeyId;
 use crate::keystore::RootKeySource;
 use crate::server::StatusVersion;
 use crate::telemetry::LogFormat;
@@ -116,7 +117,8 @@ pub enum KeysCommand {
     /// Make a staged or retired KEK primary; the old primary becomes retired.
     Promote {
         /// The KEK.
-        id: String,
+        #[arg(value_parser = parse_key_id)]
+        id: KeyId,
         /// The keystore.
         #[command(flatten)]
         keystore: KeystoreArgs,
@@ -124,7 +126,8 @@ pub enum KeysCommand {
     /// Refuse decrypts under a KEK, reversibly (not the primary).
     Disable {
         /// The KEK.
-        id: String,
+        #[arg(value_parser = parse_key_id)]
+        id: KeyId,
         /// The keystore.
         #[command(flatten)]
         keystore: KeystoreArgs,
@@ -132,7 +135,8 @@ pub enum KeysCommand {
     /// Undo `keys disable`.
     Enable {
         /// The KEK.
-        id: String,
+        #[arg(value_parser = parse_key_id)]
+        id: KeyId,
         /// The keystore.
         #[command(flatten)]
         keystore: KeystoreArgs,
@@ -143,7 +147,8 @@ pub enum KeysCommand {
     /// usage was not counted over all of it.
     Destroy {
         /// The KEK.
-        id: String,
+        #[arg(value_parser = parse_key_id)]
+        id: KeyId,
         /// The keystore.
         #[command(flatten)]
         keystore: KeystoreArgs,
@@ -252,9 +257,11 @@ impl EtcdTlsArgs {
     }
 }
 
-/// The root key: a key file or a passphrase file (exactly one).
+/// The root key: a key file or a passphrase file (at most one on the command line; every
+/// command that opens a keystore then needs exactly one, see [`RootArgs::source`]). Declared
+/// once and flattened into every command that takes it, `serve` included.
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
+#[group(multiple = false)]
 pub struct RootArgs {
     /// File holding the 32-byte root key (raw or base64), mode 0600 or 0400.
     #[arg(long, env = "LOCALKMS_ROOT_KEY_FILE")]
@@ -264,13 +271,18 @@ pub struct RootArgs {
     pub passphrase_file: Option<PathBuf>,
 }
 
+/// Neither `--root-key-file` nor `--passphrase-file` was given.
+#[derive(Debug, thiserror::Error)]
+#[error("pass --root-key-file or --passphrase-file (or LOCALKMS_ROOT_KEY_FILE / LOCALKMS_PASSPHRASE_FILE)")]
+pub struct MissingRootKey;
+
 impl RootArgs {
-    /// The chosen source, if any.
-    pub fn source(&self) -> Option<RootKeySource> {
+    /// The chosen source: the one place the choice is resolved.
+    pub fn source(&self) -> Result<RootKeySource, MissingRootKey> {
         match (&self.root_key_file, &self.passphrase_file) {
-            (Some(p), _) => Some(RootKeySource::KeyFile(p.clone())),
-            (None, Some(p)) => Some(RootKeySource::PassphraseFile(p.clone())),
-            (None, None) => None,
+            (Some(p), _) => Ok(RootKeySource::KeyFile(p.clone())),
+            (None, Some(p)) => Ok(RootKeySource::PassphraseFile(p.clone())),
+            (None, None) => Err(MissingRootKey),
         }
     }
 }
@@ -310,16 +322,9 @@ pub struct ServeArgs {
     /// counting for convergence.
     #[arg(long, env = "LOCALKMS_NODE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub node_ttl: Duration,
-    /// Root key file.
-    #[arg(
-        long,
-        env = "LOCALKMS_ROOT_KEY_FILE",
-        conflicts_with = "passphrase_file"
-    )]
-    pub root_key_file: Option<PathBuf>,
-    /// Passphrase file (instead of a root key file).
-    #[arg(long, env = "LOCALKMS_PASSPHRASE_FILE")]
-    pub passphrase_file: Option<PathBuf>,
+    /// The root key.
+    #[command(flatten)]
+    pub root: RootArgs,
     /// Version string Status reports: `v2` (Kubernetes 1.29+) or `v2beta1` (1.27–1.28).
     #[arg(long, env = "LOCALKMS_STATUS_VERSION", value_enum, default_value_t = StatusVersionArg::V2)]
     pub status_version: StatusVersionArg,
@@ -479,6 +484,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".to_owned());
     }
     Ok(d)
+}
+
+/// A key id, checked once here (lowercase letters, digits, `-`, `_`, `.`; at most 64 bytes).
+pub fn parse_key_id(s: &str) -> Result<KeyId, String> {
+    KeyId::parse(s).map_err(|e| format!("{e}; `localkms keys list` shows the ids"))
 }
 
 /// A count that must be at least one (a limit of zero would refuse everything).
@@ -666,7 +676,7 @@ mod tests {
 
     #[test]
     fn exactly_one_root_source() {
-        assert!(Cli::try_parse_from([
+        let both = Cli::try_parse_from([
             "localkms",
             "keys",
             "list",
@@ -675,19 +685,37 @@ mod tests {
             "--root-key-file",
             "r",
             "--passphrase-file",
-            "p"
-        ])
-        .is_err());
-        assert!(Cli::try_parse_from(["localkms", "keys", "list", "--keystore", "k"]).is_err());
-        assert!(Cli::try_parse_from([
+            "p",
+        ]);
+        assert!(both.is_err(), "two root sources are refused by clap");
+        let serve_both = Cli::try_parse_from([
             "localkms",
-            "keys",
-            "list",
+            "serve",
+            "--socket",
+            "s",
             "--keystore",
             "k",
+            "--root-key-file",
+            "r",
             "--passphrase-file",
-            "p"
-        ])
-        .is_ok());
+            "p",
+        ]);
+        assert!(serve_both.is_err());
+        let none = RootArgs {
+            root_key_file: None,
+            passphrase_file: None,
+        };
+        match none.source() {
+            Err(e) => assert!(e.to_string().contains("--root-key-file"), "{e}"),
+            Ok(_) => panic!("no root source accepted"),
+        }
+        let pass = RootArgs {
+            root_key_file: None,
+            passphrase_file: Some("p".into()),
+        };
+        assert!(matches!(
+            pass.source(),
+            Ok(RootKeySource::PassphraseFile(_))
+        ));
     }
 }

@@ -28,8 +28,7 @@ fn location(s: &str) -> anyhow::Result<KeystoreLocation> {
 }
 
 fn source(root: &RootArgs) -> anyhow::Result<RootKeySource> {
-    root.source()
-        .ok_or_else(|| anyhow!("pass --root-key-file or --passphrase-file"))
+    Ok(root.source()?)
 }
 
 fn opened(args: &KeystoreArgs) -> anyhow::Result<admin::Opened> {
@@ -240,15 +239,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             RootKeySource::KeyFile(setup.root_key_file),
         )
     } else {
-        let root = match (&args.root_key_file, &args.passphrase_file) {
-            (Some(p), _) => RootKeySource::KeyFile(p.clone()),
-            (None, Some(p)) => RootKeySource::PassphraseFile(p.clone()),
-            (None, None) => {
-                return Err(anyhow!(
-                    "serve needs --root-key-file or --passphrase-file (or --dev)"
-                ))
-            }
-        };
+        let root = source(&args.root)?;
         let missing = || anyhow!("serve needs --socket and --keystore (or --dev)");
         (
             server::socket::parse_endpoint(args.socket.as_deref().ok_or_else(missing)?)?,

@@ -19,7 +19,9 @@ use tokio::net::UnixListener;
 use crate::keyring::usage::{self, UsageTracker};
 use crate::keyring::{Keyring, SharedKeyring};
 use crate::keystore::EtcdTls;
-use crate::keystore::{KeystoreError, KeystoreLocation, RootKeyProvider, RootKeySource, Store};
+use crate::keystore::{
+    Keystore, KeystoreError, KeystoreLocation, RootKeyProvider, RootKeySource, Store,
+};
 use crate::proto::v1beta1::key_management_service_server::KeyManagementServiceServer as V1Server;
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::reload::Reloader;
@@ -209,21 +211,61 @@ fn check_socket_exposure(config: &ServeConfig) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// `serve --check-config`: everything `serve` checks before it binds, without serving.
-/// Returns a summary of what would be served.
-pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
+/// What `serve` starts from once every check has passed: the configuration validated, the
+/// root key open, and the keystore loaded. `serve --check-config` stops here.
+pub struct Prepared {
+    store: Store,
+    root: Arc<RootKeyProvider>,
+    keystore: Keystore,
+}
+
+impl Prepared {
+    /// The keyring to serve, counting usage into `usage`; refused unless its primary passes
+    /// the self-test round trip.
+    fn keyring(
+        self,
+        usage: UsageTracker,
+    ) -> Result<(Keyring, Store, Arc<RootKeyProvider>), ServerError> {
+        let ring = Keyring::from_keystore(self.keystore, Arc::new(usage));
+        if !ring.healthy() {
+            return Err(ServerError::SelfTest(self.store.name()));
+        }
+        Ok((ring, self.store, self.root))
+    }
+}
+
+/// Everything `serve` checks before it binds: socket exposure, the keystore's owner and mode,
+/// the metrics address rule, the root key, and the keystore itself (from etcd, or its cache).
+/// Makes no change on disk.
+pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServerError> {
     check_socket_exposure(config)?;
     let store = Store::open(&config.keystore, &config.etcd_tls)?;
-    if !config.insecure_skip_file_checks {
+    if config.insecure_skip_file_checks {
+        tracing::warn!(
+            "--insecure-skip-file-checks: NOT checking who owns or can read the keystore"
+        );
+    } else {
         store.check_private()?;
     }
-    let root = RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?;
-    let ks = store.load(&root).await?;
-    let generation = ks.generation();
-    let ring = Keyring::from_keystore(ks, Arc::new(UsageTracker::default()));
-    if !ring.healthy() {
-        return Err(ServerError::SelfTest(store.name()));
+    if let Some(addr) = config.metrics_addr {
+        if !addr.ip().is_loopback() && !config.metrics_allow_non_loopback {
+            return Err(endpoints::HttpError::NotLoopback(addr).into());
+        }
     }
+    let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
+    let cache_dir = config.cache_dir.as_deref().filter(|d| d.is_dir());
+    let keystore = store.initial(&root, cache_dir).await?;
+    Ok(Prepared {
+        store,
+        root,
+        keystore,
+    })
+}
+
+/// `serve --check-config`: [`prepare`], the self-test, and a trial bind of the metrics
+/// address and the socket, without serving. Returns a summary of what would be served.
+pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
+    let (ring, _, _) = prepare(config).await?.keyring(UsageTracker::default())?;
     if let Some(addr) = config.metrics_addr {
         // Binding for real (and letting go at once) is the only sure test: the port may be
         // taken, or the address not on this host.
@@ -235,43 +277,19 @@ pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
         config.socket.uri(),
         config.socket_mode,
         config.keystore,
-        generation,
+        ring.generation(),
         ring.primary_id().map(|id| id.to_string()).unwrap_or_default()
     ))
 }
 
-/// Loads the keystore, binds the socket, serves until `shutdown`, and keeps the keyring in
-/// step with the keystore file meanwhile. The socket file is removed on the way out.
-pub async fn serve(
-    config: ServeConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
-    check_socket_exposure(&config)?;
-    let store = Store::open(&config.keystore, &config.etcd_tls)?;
-    if config.insecure_skip_file_checks {
-        tracing::warn!(
-            "--insecure-skip-file-checks: NOT checking who owns or can read the keystore"
-        );
-    } else {
-        store.check_private()?;
-    }
-    if let Some(dir) = &config.cache_dir {
-        let mut builder = std::fs::DirBuilder::new();
-        std::os::unix::fs::DirBuilderExt::mode(builder.recursive(true), 0o700);
-        builder.create(dir).map_err(|source| KeystoreError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-    }
-    let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
-    let ks = store.initial(&root, config.cache_dir.as_deref()).await?;
-    let usage_path = store.usage_path(config.cache_dir.as_deref());
-    let usage = match usage::read_usage(&usage_path) {
+/// The decrypt usage counts a server starts from. An unreadable usage file is never
+/// overwritten (it may be the only record of a key's use): it is moved aside, and the fresh
+/// count starts now, so `keys destroy` waits a full window before trusting it.
+fn starting_usage(path: &std::path::Path) -> UsageTracker {
+    match usage::read_usage(path) {
         Ok(file) => UsageTracker::from_file(&file),
         Err(e) => {
-            // Never overwrite what may be the only record of a key's use: move it aside. The
-            // fresh count starts now, so `keys destroy` waits a full window before trusting it.
-            match usage::move_aside(&usage_path) {
+            match usage::move_aside(path) {
                 Ok(aside) => {
                     tracing::warn!(error = %e, moved_to = %aside.display(), "the usage file is unreadable: moved it aside and counting decrypt usage afresh from now")
                 }
@@ -281,12 +299,28 @@ pub async fn serve(
             }
             UsageTracker::default()
         }
-    };
-    let history = ks.history().to_vec();
-    let ring = Keyring::from_keystore(ks, Arc::new(usage));
-    if !ring.healthy() {
-        return Err(ServerError::SelfTest(store.name()));
     }
+}
+
+/// `serve`: [`prepare`], then bind and [`run`] until `shutdown`, with the background tasks
+/// (reloader, node publisher, metrics endpoints) started beside it and joined after it. The
+/// socket file is removed on the way out.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    if let Some(dir) = &config.cache_dir {
+        let mut builder = std::fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(builder.recursive(true), 0o700);
+        builder.create(dir).map_err(|source| KeystoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let prepared = prepare(&config).await?;
+    let history = prepared.keystore.history().to_vec();
+    let usage = starting_usage(&prepared.store.usage_path(config.cache_dir.as_deref()));
+    let (ring, store, root) = prepared.keyring(usage)?;
     let generation = ring.generation();
     let primary = ring
         .primary_id()
@@ -333,12 +367,13 @@ pub async fn serve(
         );
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut background = Vec::new();
     if let Some(nodes) = store.nodes() {
         if config.cache_dir.is_none() {
             tracing::warn!("no --cache-dir: this server cannot start while etcd is unreachable");
         }
         let mut publish_stop = stop_rx.clone();
-        tokio::spawn(nodes.publish_until(
+        background.push(tokio::spawn(nodes.publish_until(
             config.node_name.clone(),
             config.node_ttl,
             keyring.clone(),
@@ -346,10 +381,10 @@ pub async fn serve(
             async move {
                 let _ = publish_stop.wait_for(|stop| *stop).await;
             },
-        ));
+        )));
     }
     let reload_counters = Arc::new(crate::reload::ReloadCounters::default());
-    let watcher = tokio::spawn(supervise_reloader(
+    background.push(tokio::spawn(supervise_reloader(
         ReloaderSpec {
             store: store.clone(),
             root: Arc::clone(&root),
@@ -361,8 +396,8 @@ pub async fn serve(
             counters: Arc::clone(&reload_counters),
         },
         stop_rx.clone(),
-    ));
-    let http_task = metrics_listener.map(|listener| {
+    )));
+    if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /livez");
         }
@@ -372,10 +407,10 @@ pub async fn serve(
             reloads: reload_counters,
         };
         let mut http_stop = stop_rx.clone();
-        tokio::spawn(endpoints::serve(listener, ep, async move {
+        background.push(tokio::spawn(endpoints::serve(listener, ep, async move {
             let _ = http_stop.wait_for(|stop| *stop).await;
-        }))
-    });
+        })));
+    }
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing in-flight calls");
@@ -391,8 +426,7 @@ pub async fn serve(
     )
     .await;
     drop(stop_rx);
-    let _ = watcher.await;
-    if let Some(task) = http_task {
+    for task in background {
         let _ = task.await;
     }
     drop(guard);
