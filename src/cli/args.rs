@@ -452,24 +452,21 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-/// Resolves a group name (from /etc/group) or numeric gid.
+/// Resolves a group name or numeric gid. Names go through the system's name service (NSS:
+/// /etc/group, LDAP, sssd, whatever the node is configured with), as `chgrp` would.
 pub fn resolve_group(name: &str) -> Result<u32, String> {
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(gid);
     }
-    let groups = std::fs::read_to_string("/etc/group").map_err(|e| {
-        format!("cannot read /etc/group to find group {name:?}: {e}; pass a numeric gid")
-    })?;
-    groups
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let n = fields.next()?;
-            let gid = fields.nth(1)?.parse::<u32>().ok()?;
-            (n == name).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| format!("no group named {name:?} in /etc/group; pass a numeric gid"))
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!(
+            "no group named {name:?} (looked up through the system's name service); pass a numeric gid"
+        )),
+        Err(e) => Err(format!(
+            "cannot look up group {name:?}: {e}; pass a numeric gid"
+        )),
+    }
 }
 
 /// Parses the one duration syntax every flag uses: `90d`, `12h`, `5m`, `30s`, `500ms`,

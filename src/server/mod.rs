@@ -327,7 +327,11 @@ pub async fn serve(
         .map(|id| id.to_string())
         .unwrap_or_default();
     let keyring = SharedKeyring::new(ring);
-    let metrics = Arc::new(Metrics::for_store(store.is_shared()));
+    let reload_counters = Arc::new(crate::reload::ReloadCounters::default());
+    let metrics = Arc::new(
+        Metrics::for_store(store.is_shared())
+            .with_state(keyring.clone(), Arc::clone(&reload_counters)),
+    );
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(endpoints::bind(addr, config.metrics_allow_non_loopback).await?),
         None => None,
@@ -383,7 +387,6 @@ pub async fn serve(
             },
         )));
     }
-    let reload_counters = Arc::new(crate::reload::ReloadCounters::default());
     background.push(tokio::spawn(supervise_reloader(
         ReloaderSpec {
             store: store.clone(),
@@ -404,7 +407,6 @@ pub async fn serve(
         let ep = endpoints::Endpoints {
             keyring: keyring.clone(),
             metrics: Arc::clone(&metrics),
-            reloads: reload_counters,
         };
         let mut http_stop = stop_rx.clone();
         background.push(tokio::spawn(endpoints::serve(listener, ep, async move {

@@ -12,7 +12,6 @@ use tokio::net::TcpListener;
 
 use super::metrics::Metrics;
 use crate::keyring::SharedKeyring;
-use crate::reload::ReloadCounters;
 
 /// Why the HTTP listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +36,6 @@ pub struct Endpoints {
     pub keyring: SharedKeyring,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Reload results.
-    pub reloads: Arc<ReloadCounters>,
 }
 
 /// Binds `addr` (loopback only unless `allow_non_loopback`).
@@ -67,7 +64,7 @@ pub fn respond(ep: &Endpoints, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/metrics" => text(
             StatusCode::OK,
-            ep.metrics.render(&ep.keyring.load(), &ep.reloads),
+            ep.metrics.render(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         "/healthz" | "/readyz" => {
@@ -137,10 +134,10 @@ mod tests {
     use crate::keyring::Keyring;
 
     fn endpoints(ring: Keyring) -> Endpoints {
+        let keyring = SharedKeyring::new(ring);
         Endpoints {
-            keyring: SharedKeyring::new(ring),
-            metrics: Arc::new(Metrics::new()),
-            reloads: Arc::new(ReloadCounters::default()),
+            metrics: Arc::new(Metrics::new().with_state(keyring.clone(), Default::default())),
+            keyring,
         }
     }
 

@@ -1,18 +1,22 @@
-//! Prometheus metrics. Request metrics are recorded as requests complete; key, usage and
-//! reload figures are read from the live keyring and counters when `/metrics` is scraped, so
-//! they cost nothing on the request path.
+//! Prometheus metrics. Request metrics are recorded as requests complete; key, usage, reload
+//! and log figures are read from the live keyring and counters by a collector when `/metrics`
+//! is scraped, so they cost nothing on the request path and concurrent scrapes cannot race.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::keyring::Keyring;
+use crate::keyring::SharedKeyring;
 use crate::keystore::KeyState;
 use crate::reload::ReloadCounters;
 
@@ -68,16 +72,9 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily,
-    keys: Family<StateLabels, Gauge>,
-    primary_age: Gauge,
-    primary_info: Family<KeyLabels, Gauge>,
-    key_decrypts: Family<KeyLabels, Counter>,
-    key_last_decrypt: Family<KeyLabels, Gauge>,
-    reloads: Family<ResultLabels, Counter>,
     rejected_peers: Counter,
     cluster_nodes: Gauge,
     cluster_converged: Gauge,
-    log_write_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -132,42 +129,6 @@ impl Metrics {
             "KMS request latency by API and method",
             duration.clone(),
         );
-        let keys = Family::<StateLabels, Gauge>::default();
-        registry.register(
-            "localkms_keys",
-            "KEKs in the loaded keyring by state",
-            keys.clone(),
-        );
-        let primary_age = Gauge::default();
-        registry.register(
-            "localkms_primary_key_age_seconds",
-            "Seconds since the primary KEK became primary",
-            primary_age.clone(),
-        );
-        let primary_info = Family::<KeyLabels, Gauge>::default();
-        registry.register(
-            "localkms_primary_key_info",
-            "The primary KEK's id (value is always 1)",
-            primary_info.clone(),
-        );
-        let key_decrypts = Family::<KeyLabels, Counter>::default();
-        registry.register(
-            "localkms_key_decrypts",
-            "Decrypts served per KEK (cumulative across restarts via the usage file)",
-            key_decrypts.clone(),
-        );
-        let key_last_decrypt = Family::<KeyLabels, Gauge>::default();
-        registry.register(
-            "localkms_key_last_decrypt_timestamp_seconds",
-            "Unix time of the last decrypt per KEK",
-            key_last_decrypt.clone(),
-        );
-        let reloads = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "localkms_keystore_reloads",
-            "Keystore reloads by result (ok, refused, failed)",
-            reloads.clone(),
-        );
         let rejected_peers = Counter::default();
         registry.register(
             "localkms_rejected_peers",
@@ -188,12 +149,6 @@ impl Metrics {
                 cluster_converged.clone(),
             );
         }
-        let log_write_errors = Counter::default();
-        registry.register(
-            "localkms_log_write_errors",
-            "Log lines dropped because stderr could not be written (a closed pipe, a full disk)",
-            log_write_errors.clone(),
-        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -209,16 +164,9 @@ impl Metrics {
             registry,
             requests,
             duration,
-            keys,
-            primary_age,
-            primary_info,
-            key_decrypts,
-            key_last_decrypt,
-            reloads,
             rejected_peers,
             cluster_nodes,
             cluster_converged,
-            log_write_errors,
         }
     }
 
@@ -264,61 +212,116 @@ impl Metrics {
             .map_or(0, |c| c.get())
     }
 
-    /// Refreshes the key and reload figures from `ring` and `reloads`, then renders the
-    /// OpenMetrics text exposition.
-    pub fn render(&self, ring: &Keyring, reloads: &ReloadCounters) -> String {
-        self.keys.clear();
-        for state in KeyState::ALL {
-            let n = ring.key_info().iter().filter(|k| k.state == state).count();
-            self.keys
-                .get_or_create(&StateLabels {
-                    state: state.as_str(),
-                })
-                .set(n as i64);
-        }
-        self.primary_info.clear();
-        if let Some(p) = ring
-            .key_info()
-            .iter()
-            .find(|k| k.state == KeyState::Primary)
-        {
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            self.primary_age.set(now - p.changed_at);
-            self.primary_info
-                .get_or_create(&KeyLabels {
-                    key_id: p.id.to_string(),
-                })
-                .set(1);
-        }
-        for (id, decrypts, last) in ring.usage().snapshot() {
-            let labels = KeyLabels {
-                key_id: id.to_string(),
-            };
-            self.key_decrypts
-                .get_or_create(&labels)
-                .inner()
-                .store(decrypts, Ordering::Relaxed);
-            if last > 0 {
-                self.key_last_decrypt.get_or_create(&labels).set(last);
-            }
-        }
-        for (result, n) in [
-            ("ok", &reloads.ok),
-            ("refused", &reloads.refused),
-            ("failed", &reloads.failed),
-        ] {
-            self.reloads
-                .get_or_create(&ResultLabels { result })
-                .inner()
-                .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-        self.log_write_errors
-            .inner()
-            .store(crate::telemetry::log_write_errors(), Ordering::Relaxed);
+    /// Adds the figures read from live state at each scrape: keys by state, the primary,
+    /// decrypt usage per KEK, reload results and dropped log lines. Read, never stored, so
+    /// concurrent scrapes cannot race.
+    pub fn with_state(mut self, keyring: SharedKeyring, reloads: Arc<ReloadCounters>) -> Self {
+        self.registry
+            .register_collector(Box::new(StateCollector { keyring, reloads }));
+        self
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Reads the keyring and counters at scrape time.
+struct StateCollector {
+    keyring: SharedKeyring,
+    reloads: Arc<ReloadCounters>,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let ring = self.keyring.load();
+        let info = ring.key_info();
+        let mut keys = encoder.encode_descriptor(
+            "localkms_keys",
+            "KEKs in the loaded keyring by state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for state in KeyState::ALL {
+            let n = info.iter().filter(|k| k.state == state).count();
+            ConstGauge::new(n as i64).encode(keys.encode_family(&StateLabels {
+                state: state.as_str(),
+            })?)?;
+        }
+        if let Some(p) = info.iter().find(|k| k.state == KeyState::Primary) {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let age = encoder.encode_descriptor(
+                "localkms_primary_key_age_seconds",
+                "Seconds since the primary KEK became primary",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(now - p.changed_at).encode(age)?;
+            let mut primary = encoder.encode_descriptor(
+                "localkms_primary_key_info",
+                "The primary KEK's id (value is always 1)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(1i64).encode(primary.encode_family(&KeyLabels {
+                key_id: p.id.to_string(),
+            })?)?;
+        }
+        let usage = ring.usage().snapshot();
+        let mut decrypts = encoder.encode_descriptor(
+            "localkms_key_decrypts",
+            "Decrypts served per KEK (cumulative across restarts via the usage file)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (id, n, _) in &usage {
+            ConstCounter::new(*n).encode(decrypts.encode_family(&KeyLabels {
+                key_id: id.to_string(),
+            })?)?;
+        }
+        let mut last = encoder.encode_descriptor(
+            "localkms_key_last_decrypt_timestamp_seconds",
+            "Unix time of the last decrypt per KEK",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (id, _, at) in usage.iter().filter(|u| u.2 > 0) {
+            ConstGauge::new(*at).encode(last.encode_family(&KeyLabels {
+                key_id: id.to_string(),
+            })?)?;
+        }
+        let mut reloads = encoder.encode_descriptor(
+            "localkms_keystore_reloads",
+            "Keystore reloads by result (ok, refused, failed)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [
+            ("ok", &self.reloads.ok),
+            ("refused", &self.reloads.refused),
+            ("failed", &self.reloads.failed),
+        ] {
+            ConstCounter::new(n.load(Ordering::Relaxed))
+                .encode(reloads.encode_family(&ResultLabels { result })?)?;
+        }
+        let dropped = encoder.encode_descriptor(
+            "localkms_log_write_errors",
+            "Log lines dropped because stderr could not be written (a closed pipe, a full disk)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(crate::telemetry::log_write_errors()).encode(dropped)?;
+        Ok(())
     }
 }
 
@@ -329,18 +332,21 @@ pub type SharedMetrics = Arc<Metrics>;
 mod tests {
     use super::*;
     use crate::keyring::usage::UsageTracker;
+    use crate::keyring::Keyring;
 
     #[test]
     fn renders_every_documented_metric() {
-        let m = Metrics::new();
+        let ring = SharedKeyring::new(Keyring::from_keystore(
+            crate::keystore::model::tests::fresh(),
+            Arc::new(UsageTracker::default()),
+        ));
+        let reloads = Arc::new(ReloadCounters::default());
+        let m = Metrics::new().with_state(ring.clone(), Arc::clone(&reloads));
         m.observe_request("v2", "Encrypt", tonic::Code::Ok, 0.0001);
         m.observe_request("v2", "Decrypt", tonic::Code::InvalidArgument, 0.0001);
         m.rejected_peer();
-        let ring = Keyring::from_keystore(
-            crate::keystore::model::tests::fresh(),
-            Arc::new(UsageTracker::default()),
-        );
-        let text = m.render(&ring, &ReloadCounters::default());
+        reloads.refused.fetch_add(2, Ordering::Relaxed);
+        let text = m.render();
         for needle in [
             "localkms_requests_total{api=\"v2\",method=\"Encrypt\",code=\"OK\"} 1",
             "localkms_requests_total{api=\"v2\",method=\"Decrypt\",code=\"InvalidArgument\"} 1",
@@ -350,6 +356,7 @@ mod tests {
             "localkms_primary_key_age_seconds",
             "localkms_primary_key_info{key_id=\"kek-",
             "localkms_keystore_reloads_total{result=\"failed\"} 0",
+            "localkms_keystore_reloads_total{result=\"refused\"} 2",
             "localkms_rejected_peers_total 1",
             "localkms_build_info{version=",
             "localkms_log_write_errors_total",
@@ -360,7 +367,7 @@ mod tests {
             !text.contains("localkms_cluster_converged"),
             "file keystores have no cluster"
         );
-        let etcd = Metrics::for_store(true).render(&ring, &ReloadCounters::default());
+        let etcd = Metrics::for_store(true).with_state(ring, reloads).render();
         assert!(etcd.contains("localkms_cluster_converged"), "{etcd}");
         assert_eq!(m.requests("v2", "Encrypt", tonic::Code::Ok), 1);
     }
