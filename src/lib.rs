@@ -5,6 +5,7 @@
 //! the benchmarks drive the same code paths the plugin runs.
 
 #![deny(unsafe_code)]
+#![warn(unreachable_pub)]
 #![warn(missing_docs)]
 
 /// What `localkms --version` prints: the crate version, the git commit it was built from and
@@ -24,10 +25,10 @@ pub mod crypto;
 pub mod key_id;
 pub mod keyring;
 pub mod keystore;
-pub mod reload;
+mod reload;
 pub mod server;
 pub mod telemetry;
-pub mod timefmt;
+mod timefmt;
 
 /// Code generated from `proto/` by `build.rs`.
 pub mod proto {

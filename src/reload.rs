@@ -19,7 +19,7 @@ use crate::keystore::{Actor, HistoryEntry, KeyState, KeystoreError, RootKeyProvi
 
 /// What one reload attempt did.
 #[derive(Debug)]
-pub enum ReloadOutcome {
+pub(crate) enum ReloadOutcome {
     /// A new keyring is in use.
     Swapped {
         /// Generation before.
@@ -47,7 +47,7 @@ pub struct ReloadCounters {
 }
 
 /// Reloads the keystore into a [`SharedKeyring`].
-pub struct Reloader {
+pub(crate) struct Reloader {
     store: Store,
     /// For etcd keystores: a sealed copy of the last keystore loaded, to start from when etcd
     /// is down.
@@ -67,7 +67,7 @@ pub struct Reloader {
 impl Reloader {
     /// Watches `path`, opening it with `root`, feeding `keyring`. `history` is the audit trail
     /// of the keystore already loaded, so only later entries are logged.
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         root: Arc<RootKeyProvider>,
         keyring: SharedKeyring,
@@ -91,39 +91,34 @@ impl Reloader {
 
     /// Whether each reloaded keystore file must pass the ownership and mode checks start-up
     /// applies (on unless `--insecure-skip-file-checks`).
-    pub fn with_file_checks(mut self, check: bool) -> Self {
+    pub(crate) fn with_file_checks(mut self, check: bool) -> Self {
         self.check_files = check;
         self
     }
 
     /// Shares `counters` (so they survive a restart of the reload task).
-    pub fn with_counters(mut self, counters: Arc<ReloadCounters>) -> Self {
+    pub(crate) fn with_counters(mut self, counters: Arc<ReloadCounters>) -> Self {
         self.counters = counters;
         self
     }
 
     /// For etcd keystores: keep a sealed copy of every keystore loaded in `dir`, and write
     /// decrypt usage there.
-    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+    pub(crate) fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
         self.usage_path = self.store.usage_path(dir.as_deref());
         self.cache_dir = dir;
         self
     }
 
     /// Rotates automatically once the primary has been primary for `after`.
-    pub fn with_rotate_after(mut self, after: Option<Duration>) -> Self {
+    pub(crate) fn with_rotate_after(mut self, after: Option<Duration>) -> Self {
         self.rotate_after = after;
         self
     }
 
-    /// The reload counters, for metrics.
-    pub fn counters(&self) -> Arc<ReloadCounters> {
-        Arc::clone(&self.counters)
-    }
-
     /// Loads the file now and swaps it in if the safety rules allow. `force` reloads even
     /// when the generation is unchanged (SIGHUP).
-    pub async fn reload(&self, force: bool) -> ReloadOutcome {
+    pub(crate) async fn reload(&self, force: bool) -> ReloadOutcome {
         let reloaded = match self
             .store
             .read_for_reload(&self.root, self.check_files)
@@ -273,7 +268,7 @@ impl Reloader {
 
     /// Polls the file, listens for SIGHUP, writes usage and runs scheduled rotation until
     /// `shutdown` resolves; writes usage once more on the way out.
-    pub async fn watch(self, shutdown: impl std::future::Future<Output = ()>) {
+    pub(crate) async fn watch(self, shutdown: impl std::future::Future<Output = ()>) {
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(s) => Some(s),

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 /// Formats Unix seconds as RFC 3339 UTC (`2026-11-26T16:39:50Z`); out-of-range values print
 /// as the raw number rather than failing.
-pub fn rfc3339(unix: i64) -> String {
+pub(crate) fn rfc3339(unix: i64) -> String {
     OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())

@@ -34,6 +34,17 @@ fn generation(ws: &Workspace) -> u64 {
         .expect("generation")
 }
 
+/// A workspace rotated once; returns it and the now-retired first key.
+fn rotated_workspace() -> (Workspace, String) {
+    let ws = Workspace::new();
+    let out = ws.keys(&["rotate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listing: serde_json::Value =
+        serde_json::from_slice(&ws.keys(&["list", "--json"]).stdout).expect("json");
+    let old = listing["keys"][0]["id"].as_str().expect("id").to_owned();
+    (ws, old)
+}
+
 /// The reproduction from the field: encrypt once, rotate, stop the server, destroy the old key
 /// seconds after it was primary. Under KMS v2 the apiserver rarely calls Decrypt, so "no
 /// decrypts" proved nothing, and the ciphertext became unreadable. Now destroy refuses, names
@@ -82,12 +93,7 @@ async fn destroy_refuses_a_key_that_was_primary_moments_ago() {
 /// unreadable, and the server moves it aside (with a warning) and counts afresh.
 #[test]
 fn a_corrupt_usage_file_blocks_destroy_and_is_moved_aside() {
-    let ws = Workspace::new();
-    let out = ws.keys(&["rotate"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let listing: serde_json::Value =
-        serde_json::from_slice(&ws.keys(&["list", "--json"]).stdout).expect("json");
-    let old = listing["keys"][0]["id"].as_str().expect("id").to_owned();
+    let (ws, old) = rotated_workspace();
     let usage = {
         let mut p = ws.keystore.as_os_str().to_owned();
         p.push(".usage.json");
@@ -135,12 +141,7 @@ fn a_corrupt_usage_file_blocks_destroy_and_is_moved_aside() {
 /// over all of it), destroy proceeds without --force.
 #[test]
 fn destroy_proceeds_on_positive_evidence() {
-    let ws = Workspace::new();
-    let out = ws.keys(&["rotate"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let listing: serde_json::Value =
-        serde_json::from_slice(&ws.keys(&["list", "--json"]).stdout).expect("json");
-    let old = listing["keys"][0]["id"].as_str().expect("id").to_owned();
+    let (ws, old) = rotated_workspace();
     // A server counts usage for a while; the old key stays unused.
     let mut server = ws.serve();
     std::thread::sleep(Duration::from_millis(2100));

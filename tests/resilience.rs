@@ -596,26 +596,21 @@ fn check_config_tries_the_metrics_address() {
     let ws = Workspace::new();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let out = Command::new(bin())
-        .arg("serve")
-        .arg("--check-config")
-        .arg("--socket")
-        .arg(&ws.socket)
-        .args(ws.keystore_args())
-        .args(["--metrics-addr", &addr])
-        .output()
-        .expect("run");
+    let check = || {
+        Command::new(bin())
+            .arg("serve")
+            .arg("--check-config")
+            .arg("--socket")
+            .arg(&ws.socket)
+            .args(ws.keystore_args())
+            .args(["--metrics-addr", &addr])
+            .output()
+            .expect("run")
+    };
+    let out = check();
     assert!(!out.status.success());
     assert!(text(&out).contains(&addr), "{}", text(&out));
     drop(taken);
-    let out = Command::new(bin())
-        .arg("serve")
-        .arg("--check-config")
-        .arg("--socket")
-        .arg(&ws.socket)
-        .args(ws.keystore_args())
-        .args(["--metrics-addr", &addr])
-        .output()
-        .expect("run");
+    let out = check();
     assert!(out.status.success(), "{}", text(&out));
 }

@@ -673,31 +673,19 @@ mod tests {
 
     #[test]
     fn exactly_one_root_source() {
-        let both = Cli::try_parse_from([
-            "localkms",
-            "keys",
-            "list",
-            "--keystore",
-            "k",
-            "--root-key-file",
-            "r",
-            "--passphrase-file",
-            "p",
-        ]);
-        assert!(both.is_err(), "two root sources are refused by clap");
-        let serve_both = Cli::try_parse_from([
-            "localkms",
-            "serve",
-            "--socket",
-            "s",
-            "--keystore",
-            "k",
-            "--root-key-file",
-            "r",
-            "--passphrase-file",
-            "p",
-        ]);
-        assert!(serve_both.is_err());
+        let both = ["--root-key-file", "r", "--passphrase-file", "p"];
+        for command in [
+            &["keys", "list", "--keystore", "k"][..],
+            &["serve", "--socket", "s", "--keystore", "k"],
+        ] {
+            let args = std::iter::once("localkms")
+                .chain(command.iter().copied())
+                .chain(both);
+            assert!(
+                Cli::try_parse_from(args).is_err(),
+                "two root sources are refused by clap: {command:?}"
+            );
+        }
         let none = RootArgs {
             root_key_file: None,
             passphrase_file: None,

@@ -185,6 +185,15 @@ impl Keyring {
         self.primary.is_some() && self.self_test_passed
     }
 
+    /// What Status's `healthz` and the `/healthz` endpoint say: `ok`, or why not.
+    pub fn health(&self) -> &'static str {
+        match &self.primary {
+            Some(_) if self.self_test_passed => "ok",
+            Some(_) => "self-test round trip failed",
+            None => "no primary key loaded",
+        }
+    }
+
     /// Every key id this keyring knows, in any state.
     pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
         self.keys.keys()

@@ -211,21 +211,16 @@ impl UsageTracker {
                 },
             );
         }
-        let io = |source| UsageError::Io {
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| UsageError::Io {
             path: path.to_owned(),
-            source,
-        };
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".localkms-usage-")
-            .tempfile_in(dir)
-            .map_err(io)?;
-        serde_json::to_writer_pretty(&mut tmp, &file).map_err(|e| io(std::io::Error::other(e)))?;
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(path).map_err(|e| io(e.error))?;
+            source: std::io::Error::other(e),
+        })?;
+        // Atomic and fsynced, directory included, like every other file localkms keeps.
+        crate::keystore::file::write_atomically(path, ".localkms-usage-", &bytes, true, || {})
+            .map_err(|source| UsageError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(true)
     }
 }

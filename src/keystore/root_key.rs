@@ -211,11 +211,9 @@ impl RootKey {
         file.write_all(key.expose()).map_err(io)?;
         file.sync_all().map_err(io)?;
         // The directory entry too: a keystore sealed under this key must never outlive it.
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        File::open(crate::keystore::file::dir_of(path))
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         Ok(RootKey(key))
     }
 

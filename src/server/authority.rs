@@ -24,12 +24,12 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
 /// The server's SETTINGS_MAX_FRAME_SIZE (the HTTP/2 default, which localkms keeps): no
 /// conforming client sends a larger frame, and the shim never emits one.
-pub const MAX_FRAME_LEN: usize = 16_384;
+pub(super) const MAX_FRAME_LEN: usize = 16_384;
 /// Largest header block the shim will assemble across HEADERS and CONTINUATION frames.
-pub const MAX_HEADER_BLOCK_LEN: usize = 64 * 1024;
+pub(super) const MAX_HEADER_BLOCK_LEN: usize = 64 * 1024;
 /// Largest decoded header list (names plus values): HPACK lets a small block reference large
 /// table entries many times, so the decoded size is capped separately.
-pub const MAX_DECODED_HEADERS_LEN: usize = 64 * 1024;
+pub(super) const MAX_DECODED_HEADERS_LEN: usize = 64 * 1024;
 /// The HPACK dynamic table size the HTTP/2 server advertises (the protocol default); a client
 /// may not ask for more.
 const HPACK_TABLE_SIZE: usize = 4096;
@@ -46,7 +46,7 @@ const FLAG_PRIORITY: u8 = 0x20;
 /// Why the shim closed a connection: the client broke HTTP/2 framing or HPACK, which the
 /// HTTP/2 server would have rejected too.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ShimError {
+pub(super) enum ShimError {
     /// A header block does not decode.
     #[error("HPACK decoding failed: {0}")]
     Hpack(String),
@@ -75,7 +75,7 @@ struct PendingBlock {
 }
 
 /// The byte-level rewriter, separate from I/O so it can be tested on its own.
-pub struct Rewriter {
+pub(super) struct Rewriter {
     stage: Stage,
     input: BytesMut,
     output: BytesMut,
@@ -101,7 +101,7 @@ impl Default for Rewriter {
 
 impl Rewriter {
     /// A rewriter at the start of a connection.
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         let mut decoder = loona_hpack::Decoder::new();
         decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
         Rewriter {
@@ -119,17 +119,18 @@ impl Rewriter {
     }
 
     /// How many request header blocks this connection has sent.
-    pub fn requests(&self) -> u64 {
+    pub(super) fn requests(&self) -> u64 {
         self.requests
     }
 
     /// How many `:authority` values this connection has had replaced.
-    pub fn rewritten(&self) -> u64 {
+    #[cfg(test)]
+    pub(super) fn rewritten(&self) -> u64 {
         self.rewritten
     }
 
     /// Adds bytes read from the client and processes every complete frame.
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), ShimError> {
+    pub(super) fn feed(&mut self, bytes: &[u8]) -> Result<(), ShimError> {
         if self.stage == Stage::Passthrough {
             self.output.extend_from_slice(bytes);
             return Ok(());
@@ -139,13 +140,13 @@ impl Rewriter {
     }
 
     /// Bytes ready for the HTTP/2 server.
-    pub fn output(&mut self) -> &mut BytesMut {
+    pub(super) fn output(&mut self) -> &mut BytesMut {
         &mut self.output
     }
 
     /// At end of input, hands over any incomplete frame unchanged (the server will see the
     /// truncation and close the connection).
-    pub fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         let rest = self.input.split();
         self.output.extend_from_slice(&rest);
     }
@@ -367,7 +368,7 @@ fn put_frame_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream_
 /// life: lets the accept loop, when every connection slot is taken, evict a connection that
 /// is not doing anything (one still in its handshake, or one idle with no request open), so
 /// idle connections cannot lock a real client out.
-pub struct ConnTicket {
+pub(super) struct ConnTicket {
     /// When the connection was accepted: younger ones are not evicted, as the server may not
     /// have read a preface the client already sent.
     pub accepted: std::time::Instant,
@@ -387,7 +388,7 @@ pub struct ConnTicket {
 
 impl ConnTicket {
     /// A ticket for a connection from `peer` accepted now.
-    pub fn new(peer: Option<super::incoming::PeerInfo>) -> Self {
+    pub(super) fn new(peer: Option<super::incoming::PeerInfo>) -> Self {
         ConnTicket {
             accepted: std::time::Instant::now(),
             peer,
@@ -400,7 +401,7 @@ impl ConnTicket {
     }
 
     /// Marks the connection idle from now on (handshake done, or its last request finished).
-    pub fn mark_idle_now(&self) {
+    pub(super) fn mark_idle_now(&self) {
         let ms = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.idle_since_ms
             .store(ms, std::sync::atomic::Ordering::Relaxed);
@@ -408,7 +409,7 @@ impl ConnTicket {
 
     /// How long the connection has had nothing to do: `None` while it is in its handshake or
     /// has a request open.
-    pub fn idle_for(&self) -> Option<std::time::Duration> {
+    pub(super) fn idle_for(&self) -> Option<std::time::Duration> {
         use std::sync::atomic::Ordering::Relaxed;
         if !self.handshaken.load(Relaxed) || self.active.load(Relaxed) > 0 {
             return None;
@@ -421,7 +422,7 @@ impl ConnTicket {
 type Eviction = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A connection whose client-to-server bytes go through a [`Rewriter`].
-pub struct AuthorityShim<S> {
+pub(super) struct AuthorityShim<S> {
     inner: S,
     rewriter: Rewriter,
     eof: bool,
@@ -444,7 +445,7 @@ impl<S> AuthorityShim<S> {
     /// Wraps a freshly accepted connection that must send its HTTP/2 preface within
     /// `handshake_timeout` and is closed after `idle_timeout` without a request, holding
     /// `slot` until it closes.
-    pub fn new(
+    pub(super) fn new(
         inner: S,
         handshake_timeout: std::time::Duration,
         idle_timeout: std::time::Duration,
@@ -466,12 +467,12 @@ impl<S> AuthorityShim<S> {
     }
 
     /// The wrapped connection.
-    pub fn get_ref(&self) -> &S {
+    pub(super) fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// The accept loop's ticket for this connection, if it has one.
-    pub fn ticket(&self) -> Option<&std::sync::Arc<ConnTicket>> {
+    pub(super) fn ticket(&self) -> Option<&std::sync::Arc<ConnTicket>> {
         self.ticket.as_ref().map(|(t, _)| t)
     }
 }

@@ -179,7 +179,7 @@ fn not_grpc<B>(req: &http::Request<B>) -> Option<Status> {
 }
 
 /// `(api, method)` for a gRPC path, with static strings for metric labels.
-pub fn classify(path: &str) -> (&'static str, &'static str) {
+pub(super) fn classify(path: &str) -> (&'static str, &'static str) {
     let api = if path.starts_with("/v2.KeyManagementService/") {
         "v2"
     } else if path.starts_with("/v1beta1.KeyManagementService/") {

@@ -31,12 +31,12 @@ pub struct PeerInfo {
 }
 
 /// A connection as tonic sees it.
-pub type Connection = AuthorityShim<UnixStream>;
+pub(super) type Connection = AuthorityShim<UnixStream>;
 
 /// What the request guard learns about the connection a request came on (tonic puts it in
 /// every request's extensions).
 #[derive(Clone)]
-pub struct ConnInfo {
+pub(super) struct ConnInfo {
     /// The peer, from SO_PEERCRED.
     pub peer: Option<PeerInfo>,
     /// The connection's ticket, where the guard counts open requests.
@@ -133,7 +133,7 @@ fn peer_of(stream: &UnixStream) -> Option<PeerInfo> {
 /// `on_reject`. At most `max_connections` are open at once. Accept errors (for example running
 /// out of file descriptors) back off instead of spinning. The task ends when the server drops
 /// the stream.
-pub fn accept_stream(
+pub(super) fn accept_stream(
     listener: UnixListener,
     policy: AcceptPolicy,
     on_reject: impl Fn() + Send + 'static,

@@ -1,12 +1,12 @@
 //! The gRPC server on the Unix socket: the KMS services, limits, and graceful drain.
 
-pub mod authority;
-pub mod guard;
-pub mod incoming;
+mod authority;
+mod guard;
+mod incoming;
 pub mod socket;
 mod status;
-pub mod v1;
-pub mod v2;
+mod v1;
+mod v2;
 
 use std::future::Future;
 use std::net::SocketAddr;

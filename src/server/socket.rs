@@ -252,10 +252,7 @@ pub fn check_bindable(endpoint: &Endpoint) -> Result<(), SocketError> {
             return Err(SocketError::InUse(path.clone()));
         }
     }
-    let mut dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let mut dir = crate::keystore::file::dir_of(path);
     while !dir.exists() {
         match dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => dir = p,

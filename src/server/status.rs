@@ -21,13 +21,13 @@ pub fn code_for(err: &KeyringError) -> Code {
 }
 
 /// Converts a keyring error into the status sent to the client.
-pub fn to_status(err: KeyringError) -> Status {
+pub(super) fn to_status(err: KeyringError) -> Status {
     Status::new(code_for(&err), err.to_string())
 }
 
 /// The per-request debug line: uid, method, key id, code and latency; never key material or
 /// plaintext.
-pub fn log_request(
+pub(super) fn log_request(
     api: &'static str,
     method: &'static str,
     uid: &str,
@@ -49,7 +49,7 @@ pub fn log_request(
 /// A caller-supplied string made safe for a log line: at most `max` characters, with control
 /// characters (newlines, ANSI escapes) and quotes escaped, so a caller cannot forge lines or
 /// recolour a terminal.
-pub fn printable(s: &str, max: usize) -> String {
+pub(super) fn printable(s: &str, max: usize) -> String {
     s.chars().take(max).flat_map(char::escape_debug).collect()
 }
 

@@ -13,9 +13,9 @@ use crate::proto::v1beta1::{
 };
 
 /// The only KMS v1 API version there is.
-pub const V1_VERSION: &str = "v1beta1";
+pub(super) const V1_VERSION: &str = "v1beta1";
 /// Reported as `runtime_name`.
-pub const RUNTIME_NAME: &str = "localkms";
+pub(super) const RUNTIME_NAME: &str = "localkms";
 
 /// The KMS v1 service over the shared keyring.
 pub struct V1Service {

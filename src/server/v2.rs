@@ -52,11 +52,11 @@ impl KeyManagementService for V2Service {
     ) -> Result<Response<StatusResponse>, Status> {
         let start = std::time::Instant::now();
         let ring = self.keyring.load();
-        let (healthz, key_id) = match ring.primary_id() {
-            Some(id) if ring.healthy() => ("ok", id.to_string()),
-            Some(id) => ("self-test round trip failed", id.to_string()),
-            None => ("no primary key loaded", String::new()),
-        };
+        let healthz = ring.health();
+        let key_id = ring
+            .primary_id()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
         log_request("v2", "Status", "", &key_id, tonic::Code::Ok, start);
         Ok(Response::new(StatusResponse {
             version: self.version.as_str().to_owned(),

@@ -128,19 +128,7 @@ pub fn create_raw(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
 /// Replaces a file with already-sealed bytes (the etcd keystore's local cache): atomic, with
 /// no backups.
 pub fn replace_raw(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
-    let dir = dir_of(path);
-    let io = io_err(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(path))
-        .suffix(TEMP_SUFFIX)
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .tempfile_in(dir)
-        .map_err(&io)?;
-    tmp.write_all(bytes).map_err(&io)?;
-    tmp.as_file().sync_all().map_err(&io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(&io)?;
-    Ok(())
+    write_atomically(path, &temp_prefix(path), bytes, true, || {}).map_err(io_err(path))
 }
 
 /// Loads the keystore under the lock, lets `change` edit it, and saves it as the next
@@ -205,11 +193,40 @@ pub(crate) fn bump_generation(path: &Path, ks: &mut Keystore) -> Result<(), Keys
     Ok(())
 }
 
-fn dir_of(path: &Path) -> &Path {
+/// The directory holding `path` (`.` for a bare file name).
+pub(crate) fn dir_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     }
+}
+
+/// The one atomic write every file localkms keeps goes through: a 0600 temp file named
+/// `prefix…` in the same directory, written and fsynced, `before_rename` (a backup, say), then
+/// renamed over `path` (or, unless `replace`, into place only if nothing is there), and the
+/// directory fsynced. A crash leaves the old file or the new one, never neither.
+pub(crate) fn write_atomically(
+    path: &Path,
+    prefix: &str,
+    bytes: &[u8],
+    replace: bool,
+    before_rename: impl FnOnce(),
+) -> std::io::Result<()> {
+    let dir = dir_of(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .suffix(TEMP_SUFFIX)
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    before_rename();
+    if replace {
+        tmp.persist(path).map_err(|e| e.error)?;
+    } else {
+        tmp.persist_noclobber(path).map_err(|e| e.error)?;
+    }
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 fn write_atomic(
@@ -222,39 +239,27 @@ fn write_atomic(
     write_bytes(path, &bytes, replace, ks.generation)
 }
 
-/// Writes sealed keystore bytes atomically (temp file, fsync, rename, directory fsync),
-/// keeping a backup of the file it replaces.
+/// Writes sealed keystore bytes atomically ([`write_atomically`]), keeping a backup of the
+/// file it replaces.
 fn write_bytes(
     path: &Path,
     bytes: &[u8],
     replace: bool,
     generation: u64,
 ) -> Result<(), KeystoreError> {
-    let dir = dir_of(path);
-    let io = io_err(path);
     remove_stale_temp_files(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(path))
-        .suffix(TEMP_SUFFIX)
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .tempfile_in(dir)
-        .map_err(&io)?;
-    tmp.write_all(bytes).map_err(&io)?;
-    tmp.as_file().sync_all().map_err(&io)?;
-    if replace {
-        backup(path, generation.saturating_sub(1));
-        tmp.persist(path).map_err(|e| io(e.error))?;
-    } else {
-        tmp.persist_noclobber(path).map_err(|e| {
-            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-                KeystoreError::AlreadyExists(path.to_owned())
-            } else {
-                io(e.error)
-            }
-        })?;
-    }
-    File::open(dir).and_then(|d| d.sync_all()).map_err(&io)?;
-    Ok(())
+    write_atomically(path, &temp_prefix(path), bytes, replace, || {
+        if replace {
+            backup(path, generation.saturating_sub(1));
+        }
+    })
+    .map_err(|e| {
+        if !replace && e.kind() == std::io::ErrorKind::AlreadyExists {
+            KeystoreError::AlreadyExists(path.to_owned())
+        } else {
+            io_err(path)(e)
+        }
+    })
 }
 
 const TEMP_SUFFIX: &str = ".tmp";

@@ -288,15 +288,23 @@ impl Etcd {
             key: key.as_bytes().to_vec(),
             ..Default::default()
         };
-        let resp = self
+        let resp = self.range(request).await?;
+        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        Ok((resp.kvs.into_iter().next(), revision))
+    }
+
+    /// One Range call, with failover.
+    async fn range(
+        &self,
+        request: RangeRequest,
+    ) -> Result<crate::proto::etcd::RangeResponse, EtcdError> {
+        Ok(self
             .failover("Range", |ch| {
                 let request = request.clone();
                 async move { KvClient::new(ch).range(request).await }
             })
             .await?
-            .into_inner();
-        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
-        Ok((resp.kvs.into_iter().next(), revision))
+            .into_inner())
     }
 
     /// Every key and value under `prefix`.
@@ -306,14 +314,7 @@ impl Etcd {
             range_end: prefix_end(prefix.as_bytes()),
             ..Default::default()
         };
-        let resp = self
-            .failover("Range", |ch| {
-                let request = request.clone();
-                async move { KvClient::new(ch).range(request).await }
-            })
-            .await?
-            .into_inner();
-        Ok(resp.kvs)
+        Ok(self.range(request).await?.kvs)
     }
 
     /// Writes `value` at `key` only if `expect` holds; `false` when another writer got there
