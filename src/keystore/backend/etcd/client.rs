@@ -24,6 +24,13 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// member died takes a few seconds on a loaded machine).
 pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(10);
 
+/// A member that could not be connected to at all (as opposed to one that answered badly).
+fn unreachable(status: &tonic::Status) -> bool {
+    let m = status.message();
+    status.code() == tonic::Code::Unavailable
+        && (m.contains("connect") || m.contains("transport error") || m.contains("refused"))
+}
+
 /// Errors another member (or the same one, a moment later) may not give: unreachable, timed
 /// out, or no leader yet.
 fn retryable(status: &tonic::Status) -> bool {
@@ -242,6 +249,10 @@ impl Etcd {
         let mut last = None;
         loop {
             let start = self.preferred.load(Ordering::Relaxed);
+            // Whether any member is up but cannot answer yet (no leader, timed out): only
+            // then is another round worth waiting for. When none can even be connected to,
+            // etcd is down and the caller hears so at once.
+            let mut electing = false;
             for i in 0..channels.len() {
                 let idx = (start + i) % channels.len();
                 match call(channels[idx].clone()).await {
@@ -249,11 +260,14 @@ impl Etcd {
                         self.preferred.store(idx, Ordering::Relaxed);
                         return Ok(v);
                     }
-                    Err(status) if retryable(&status) => last = Some(status),
+                    Err(status) if retryable(&status) => {
+                        electing |= !unreachable(&status);
+                        last = Some(status);
+                    }
                     Err(status) => return Err(self.rpc(name)(status)),
                 }
             }
-            if started.elapsed() >= FAILOVER_DEADLINE {
+            if !electing || started.elapsed() >= FAILOVER_DEADLINE {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
