@@ -2,6 +2,7 @@
 //! non-Rust gRPC client, and a test that plays kube-apiserver's part with its own checks.
 
 mod common;
+mod support;
 
 use std::process::Command;
 use std::time::Duration;
@@ -13,11 +14,18 @@ use prost::Message;
 
 use common::raw_h2::raw_call;
 
-#[test]
-fn every_authority_form_is_answered() {
-    let ws = Workspace::new();
-    let _server = ws.serve();
-    let path_authority = ws.socket.display().to_string();
+#[tokio::test(flavor = "multi_thread")]
+async fn every_authority_form_is_answered() {
+    let server = support::InProcess::start().await;
+    let socket = server.socket.clone();
+    // The raw HTTP/2 client blocks: off the runtime the server runs on.
+    tokio::task::spawn_blocking(move || authority_forms(&socket))
+        .await
+        .expect("authority forms");
+}
+
+fn authority_forms(socket: &std::path::Path) {
+    let path_authority = socket.display().to_string();
     let percent: String = path_authority.replace('/', "%2F");
     let forms: Vec<(&str, Option<&[u8]>)> = vec![
         ("socket path", Some(path_authority.as_bytes())),
@@ -31,12 +39,7 @@ fn every_authority_form_is_answered() {
         ("absent", None),
     ];
     for (name, authority) in forms {
-        let reply = raw_call(
-            &ws.socket,
-            authority,
-            "/v2.KeyManagementService/Status",
-            &[],
-        );
+        let reply = raw_call(socket, authority, "/v2.KeyManagementService/Status", &[]);
         assert!(!reply.reset, "{name}: stream was reset: {reply:?}");
         assert_eq!(reply.status.as_deref(), Some("200"), "{name}: {reply:?}");
         assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{name}: {reply:?}");
@@ -50,7 +53,7 @@ fn every_authority_form_is_answered() {
         version: "v1beta1".into(),
     };
     let reply = raw_call(
-        &ws.socket,
+        socket,
         Some(path_authority.as_bytes()),
         "/v1beta1.KeyManagementService/Version",
         &version.encode_to_vec(),
@@ -74,22 +77,25 @@ fn python_with_grpcio() -> String {
         .to_string()
 }
 
-#[test]
-fn python_grpcio_with_its_default_unix_channel_works() {
-    let ws = Workspace::new();
-    let server = ws.serve();
-    let py = python_with_grpcio();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpcio_client.py");
-    let out = Command::new(py)
-        .arg(script)
-        .arg(server.endpoint())
-        .output()
-        .expect("run python");
+#[tokio::test(flavor = "multi_thread")]
+async fn python_grpcio_with_its_default_unix_channel_works() {
+    let server = support::InProcess::start().await;
+    let endpoint = server.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        let py = python_with_grpcio();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpcio_client.py");
+        Command::new(py)
+            .arg(script)
+            .arg(endpoint)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .expect("python");
     assert!(
         out.status.success(),
-        "grpcio client failed: {}\nserver log: {}",
+        "grpcio client failed: {}",
         String::from_utf8_lossy(&out.stderr),
-        server.log_text()
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["version"], "v2");
@@ -259,9 +265,12 @@ fn abstract_sockets_work_end_to_end() {
 async fn the_apiserver_checks_hold() {
     use localkms::proto::v1beta1::EncryptRequest as V1Encrypt;
     use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
-    let ws = Workspace::new();
-    let server = ws.serve_with(&["--status-version", "v2beta1"]);
-    let mut c = client(&server.endpoint()).await.expect("connect");
+    let server = support::InProcess::start_with(
+        localkms::server::StatusVersion::V2beta1,
+        localkms::server::Limits::default(),
+    )
+    .await;
+    let mut c = server.client().await;
 
     let mut versions = std::collections::HashSet::new();
     for _ in 0..3 {

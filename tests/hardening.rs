@@ -447,7 +447,8 @@ async fn key_material_and_plaintext_never_reach_logs_or_output() {
     let ks = ws.keystore_args();
     let out = localkms(&["keystore", "verify", &ks[0], &ks[1], &ks[2], &ks[3]]);
     outputs.push_str(&String::from_utf8_lossy(&out.stdout));
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Both changes picked up (and logged, which is what this test greps).
+    server.wait_log("to=3");
     drop(c);
     let mut server = server;
     assert_eq!(server.stop("TERM").code(), Some(0));

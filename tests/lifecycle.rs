@@ -78,7 +78,8 @@ async fn every_lifecycle_command_works_against_a_running_server() {
     // Stage: decrypts, never encrypts.
     let staged = ok(&ws.keys(&["rotate", "--stage"]));
     assert_eq!(state_of(&ws, &staged), "staged");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Loaded (the reload is logged), yet not encrypting.
+    server.wait_log("to=2");
     assert_eq!(
         status_key_id(&ep).await,
         first,
@@ -271,7 +272,9 @@ async fn ha_rotation_across_two_nodes_never_fails_a_decrypt() {
         node_a.root_key.to_str().expect("utf8"),
     ]);
     assert!(ok(&out).contains(&new), "B's copy must hold the staged key");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Both have loaded the staged key (each logs the reload), and neither encrypts with it.
+    server_a.wait_log("to=2");
+    server_b.wait_log("to=2");
     assert_eq!(status_key_id(&ep_a).await, old);
     assert_eq!(status_key_id(&ep_b).await, old);
 

@@ -1,6 +1,7 @@
 //! Metrics, health endpoints, JSON logs and `localkms bench` against a live server.
 
 mod common;
+mod support;
 
 use std::process::Command;
 
@@ -177,7 +178,7 @@ fn json_logs_parse_as_json() {
     // --log-level debug: per-request lines are present too.
     let out = ws.keys(&["rotate"]);
     assert!(out.status.success());
-    std::thread::sleep(std::time::Duration::from_millis(1200));
+    server.wait_log("keystore reloaded");
     assert_eq!(server.stop("TERM").code(), Some(0));
     let text = server.log_text();
     let mut lines = 0;
@@ -203,11 +204,18 @@ fn json_logs_parse_as_json() {
     assert_eq!(request["code"], "OK");
 }
 
-#[test]
-fn bench_reports_json_and_counts_errors() {
-    let ws = Workspace::new();
-    let server = ws.serve();
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_reports_json_and_counts_errors() {
+    // bench is the process under test; the server it drives can run in-process.
+    let server = support::InProcess::start().await;
     let ep = server.endpoint();
+    tokio::task::spawn_blocking(move || bench_against(&ep))
+        .await
+        .expect("bench");
+}
+
+fn bench_against(ep: &str) {
+    let ep = ep.to_owned();
     for op in ["encrypt", "decrypt", "status", "mixed"] {
         let v = common::localkms_json(&[
             "bench",

@@ -1,8 +1,9 @@
 //! The KMS v2 contract over a real socket: Status, Encrypt, Decrypt, and every error code.
+//! The server runs in-process (`tests/support`): these tests need the RPC surface, not a
+//! process.
 
-mod common;
+mod support;
 
-use common::{client, Workspace};
 use localkms::keyring::Keyring;
 use localkms::keystore::{Kdf, Keystore};
 use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
@@ -27,9 +28,8 @@ fn dec(ciphertext: &[u8], key_id: &str) -> DecryptRequest {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_encrypt_decrypt_follow_the_apiserver_contract() {
-    let ws = Workspace::new();
-    let server = ws.serve();
-    let mut c = client(&server.endpoint()).await.expect("connect");
+    let server = support::InProcess::start().await;
+    let mut c = server.client().await;
 
     let status = c
         .status(StatusRequest {})
@@ -78,9 +78,8 @@ fn foreign_ciphertext() -> (Vec<u8>, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_bad_request_gets_the_right_code_and_the_server_keeps_serving() {
-    let ws = Workspace::new();
-    let server = ws.serve();
-    let mut c = client(&server.endpoint()).await.expect("connect");
+    let server = support::InProcess::start().await;
+    let mut c = server.client().await;
     let seed = [0x17u8; 32];
     let good = c.encrypt(enc(&seed)).await.expect("encrypt").into_inner();
     let key_id = good.key_id.clone();
@@ -197,7 +196,7 @@ async fn every_bad_request_gets_the_right_code_and_the_server_keeps_serving() {
     }
 
     // A fresh connection still works and the good ciphertext still opens.
-    let mut fresh = client(&server.endpoint()).await.expect("reconnect");
+    let mut fresh = server.client().await;
     let out = fresh
         .decrypt(dec(&ct, &key_id))
         .await
@@ -208,8 +207,7 @@ async fn every_bad_request_gets_the_right_code_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_concurrent_round_trips_from_sixteen_tasks() {
-    let ws = Workspace::new();
-    let server = ws.serve();
+    let server = support::InProcess::start().await;
     let channel = localkms::client::connect(&server.endpoint())
         .await
         .expect("connect");
@@ -243,4 +241,5 @@ async fn a_thousand_concurrent_round_trips_from_sixteen_tasks() {
     }
     // 16 × 63 = 1008 round trips.
     assert!(total >= 1000, "{total}");
+    server.stop().await.expect("clean stop");
 }

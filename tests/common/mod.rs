@@ -216,6 +216,20 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (up to 30 s, generous for a loaded machine) until the log contains `needle`:
+    /// the condition to wait on instead of sleeping for a guessed time.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never logged: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket.display())
     }

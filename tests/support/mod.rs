@@ -1,0 +1,108 @@
+//! An in-process server for tests that only need the RPC surface: `server::run` on a real Unix
+//! socket in a temp directory, stopped through a oneshot channel, with no process to spawn and
+//! no keystore file (the keyring is built in memory). Tests that need a process (signals,
+//! SIGKILL, CLI output, file permissions, reloads of a keystore file) use `tests/common`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use localkms::keyring::{Keyring, SharedKeyring};
+use localkms::keystore::{Actor, Kdf, Keystore};
+use localkms::proto::v2::key_management_service_client::KeyManagementServiceClient;
+use localkms::server::{self, Limits, StatusVersion};
+use localkms::telemetry::metrics::Metrics;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// A server running inside the test process.
+pub struct InProcess {
+    /// Holds the socket.
+    pub dir: tempfile::TempDir,
+    /// The socket path.
+    pub socket: PathBuf,
+    /// The keyring it serves (swap it to simulate a reload).
+    pub keyring: SharedKeyring,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
+}
+
+/// A fresh in-memory keystore with one primary KEK.
+pub fn fresh_keystore() -> Keystore {
+    Keystore::new_with_primary(
+        time::OffsetDateTime::now_utc(),
+        Kdf::KeyFile,
+        &Actor::current(),
+    )
+    .expect("keystore")
+}
+
+impl InProcess {
+    /// Serves a fresh keystore with the default limits, reporting Status version `v2`.
+    pub async fn start() -> Self {
+        Self::start_with(StatusVersion::V2, Limits::default()).await
+    }
+
+    /// Serves a fresh keystore with `version` and `limits`.
+    pub async fn start_with(version: StatusVersion, limits: Limits) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("kms.sock");
+        let keyring =
+            SharedKeyring::new(Keyring::from_keystore(fresh_keystore(), Default::default()));
+        let metrics = Arc::new(Metrics::new().with_state(keyring.clone(), Default::default()));
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ring, m) = (keyring.clone(), Arc::clone(&metrics));
+        let task = tokio::spawn(async move {
+            server::run(listener, ring, version, &limits, m, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        InProcess {
+            dir,
+            socket,
+            keyring,
+            metrics,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The endpoint as a client dials it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// A connected KMS v2 client.
+    pub async fn client(&self) -> KeyManagementServiceClient<Channel> {
+        KeyManagementServiceClient::new(
+            localkms::client::connect(&self.endpoint())
+                .await
+                .expect("connect"),
+        )
+    }
+
+    /// Stops the server the way SIGTERM does (drain, then return) and reports how it ended.
+    pub async fn stop(mut self) -> Result<(), server::ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("server stopped within 30 s")
+            .expect("server task")
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
