@@ -200,18 +200,18 @@ impl Reloader {
                     .primary_id()
                     .map(|id| id.to_string())
                     .unwrap_or_default();
-                tracing::info!(keystore = %self.store.name().display(), from, to, primary_key_id = %primary, "keystore reloaded");
+                tracing::info!(keystore = %self.store.location(), from, to, primary_key_id = %primary, "keystore reloaded");
             }
             ReloadOutcome::Unchanged => {
-                tracing::debug!(keystore = %self.store.name().display(), "keystore unchanged");
+                tracing::debug!(keystore = %self.store.location(), "keystore unchanged");
             }
             ReloadOutcome::Refused(why) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(keystore = %self.store.name().display(), kept_generation = kept, "keystore reload refused: {why}; still serving the loaded keyring");
+                tracing::error!(keystore = %self.store.location(), kept_generation = kept, "keystore reload refused: {why}; still serving the loaded keyring");
             }
             ReloadOutcome::Failed(e) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(keystore = %self.store.name().display(), kept_generation = kept, "keystore reload failed: {e}; still serving the loaded keyring");
+                tracing::error!(keystore = %self.store.location(), kept_generation = kept, "keystore reload failed: {e}; still serving the loaded keyring");
             }
         }
     }

@@ -2,12 +2,11 @@
 //! (including hostile Argon2 parameters in the header, which must be refused, not run).
 #![no_main]
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use localkms::keystore::file::decode_with;
-use localkms::keystore::{RootKeyProvider, RootKeySource};
+use localkms::keystore::{KeystoreLocation, RootKeyProvider, RootKeySource};
 
 fn provider() -> &'static RootKeyProvider {
     static P: OnceLock<(tempfile::TempDir, RootKeyProvider)> = OnceLock::new();
@@ -21,5 +20,7 @@ fn provider() -> &'static RootKeyProvider {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let _ = decode_with(Path::new("fuzz"), data, provider());
+    static AT: OnceLock<KeystoreLocation> = OnceLock::new();
+    let at = AT.get_or_init(|| KeystoreLocation::file("fuzz".into()));
+    let _ = decode_with(at, data, provider());
 });

@@ -3,7 +3,6 @@
 //! and the audit history.
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -126,10 +125,9 @@ pub fn history_table(entries: &[HistoryListing]) -> String {
 }
 
 /// What `keystore verify` prints: proof that the file opens under the root key.
-pub fn verify_report(path: &Path, ks: &Keystore) -> String {
+pub fn verify_report(location: &KeystoreLocation, ks: &Keystore) -> String {
     let mut out = format!(
-        "ok: {} opens with this root key\ngeneration: {}\n",
-        path.display(),
+        "ok: {location} opens with this root key\ngeneration: {}\n",
         ks.generation()
     );
     for r in ks.records() {
@@ -334,7 +332,7 @@ pub async fn keys_history(o: &Opened, json: bool) -> Result<Printed, AdminError>
 /// `keystore verify`.
 pub async fn keystore_verify(o: &Opened) -> Result<Printed, AdminError> {
     let ks = o.store.load(&o.root).await?;
-    Ok(Printed::out(verify_report(&o.store.name(), &ks)))
+    Ok(Printed::out(verify_report(o.store.location(), &ks)))
 }
 
 /// `keys rotate [--stage]`. On etcd, a full rotation is two-phase: stage, wait until every
@@ -345,7 +343,7 @@ pub async fn keys_rotate(
     timeout: Duration,
 ) -> Result<Printed, AdminError> {
     let actor = Actor::current();
-    let name = o.store.name();
+    let name = o.store.location();
     match (o.store.nodes(), stage) {
         (_, true) => {
             let id = o
@@ -354,7 +352,7 @@ pub async fn keys_rotate(
                 .await?;
             Ok(Printed::out(format!("{id}\n"))
                 .with_note(o.store.staged_hint(id.as_str()))
-                .committed(format!("staged {id} in {}", name.display())))
+                .committed(format!("staged {id} in {}", name)))
         }
         (None, false) => {
             let id = o
@@ -364,9 +362,9 @@ pub async fn keys_rotate(
             Ok(Printed::out(format!("{id}\n"))
                 .with_note(format!(
                     "rotated: {id} is now primary in {}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds.",
-                    name.display()
+                    name
                 ))
-                .committed(format!("rotated {}: new primary {id}", name.display())))
+                .committed(format!("rotated {}: new primary {id}", name)))
         }
         (Some(cluster), false) => {
             let id = o
@@ -395,9 +393,9 @@ pub async fn keys_rotate(
             Ok(Printed::out(format!("{id}\n"))
                 .with_note(format!(
                     "rotated: every live node loaded {id} before it was promoted; it is now primary in {}",
-                    name.display()
+                    name
                 ))
-                .committed(format!("rotated {}: new primary {id}", name.display())))
+                .committed(format!("rotated {}: new primary {id}", name)))
         }
     }
 }
@@ -501,12 +499,12 @@ pub async fn root_key_rotate(
     let _ = writeln!(
         out,
         "re-sealed {} under {}; the old root key no longer opens it (older backups beside a keystore file were removed). Restart running servers with the new root key.",
-        o.store.name().display(),
+        o.store.location(),
         new_source.path().display()
     );
     Ok(Printed::out(out).committed(format!(
         "re-sealed {} under {}",
-        o.store.name().display(),
+        o.store.location(),
         new_source.path().display()
     )))
 }

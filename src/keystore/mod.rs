@@ -24,23 +24,25 @@ pub use root_key::{Kdf, RootKey, RootKeyError, RootKeyProvider, RootKeySource};
 
 use crate::crypto::CryptoError;
 
-/// Why a keystore cannot be read, written or changed. Every message names the file.
+/// Why a keystore cannot be read, written or changed. Every message names where, as the
+/// operator wrote it (a file path, or the etcd endpoints and key), through
+/// [`KeystoreLocation`].
 #[derive(Debug, thiserror::Error)]
 pub enum KeystoreError {
     /// There is no keystore at the path.
     #[error("keystore {0} does not exist; create it with `localkms init --keystore {0} --root-key-file PATH`")]
-    NotFound(PathBuf),
+    NotFound(KeystoreLocation),
     /// `init` would overwrite keys.
     #[error("keystore {0} already exists; refusing to overwrite it (it may hold the only copy of keys that decrypt your data)")]
-    AlreadyExists(PathBuf),
+    AlreadyExists(KeystoreLocation),
     /// The file does not start with the keystore magic.
     #[error("{0} is not a localkms keystore (wrong magic bytes)")]
-    NotAKeystore(PathBuf),
+    NotAKeystore(KeystoreLocation),
     /// Written by a newer localkms.
     #[error("keystore {path} has format version {version}; this build reads version {supported}: upgrade localkms")]
     UnsupportedVersion {
-        /// The file.
-        path: PathBuf,
+        /// The keystore.
+        path: KeystoreLocation,
         /// Version found.
         version: u16,
         /// Version this build reads.
@@ -49,17 +51,17 @@ pub enum KeystoreError {
     /// The header or body is malformed.
     #[error("keystore {path} is corrupted ({reason}){hint}", hint = backup_hint(path, "; restore it from"))]
     Corrupted {
-        /// The file.
-        path: PathBuf,
+        /// The keystore.
+        path: KeystoreLocation,
         /// What is wrong with it.
         reason: String,
     },
     /// The sealed body did not authenticate.
     #[error("cannot open keystore {0}: the root key does not match it, or the file is corrupted (check --root-key-file{hint})", hint = backup_hint(.0, ", or restore"))]
-    WrongRootKey(PathBuf),
+    WrongRootKey(KeystoreLocation),
     /// Another process holds the keystore lock.
     #[error("keystore {0} is locked by another localkms command (lock file {0}.lock); try again when it finishes")]
-    Locked(PathBuf),
+    Locked(KeystoreLocation),
     /// Any other I/O failure.
     #[error("cannot access keystore {path}: {source}")]
     Io {
@@ -84,13 +86,16 @@ pub enum KeystoreError {
     #[error(
         "keystore {0} kept changing under us ({1} attempts); another writer is busy: try again"
     )]
-    Conflict(PathBuf, usize),
+    Conflict(KeystoreLocation, usize),
 }
 
 /// Names the backups of a keystore file that exist (`PATH.bak.N`), after `lead`; nothing when
 /// there are none (after `root-key rotate` removed them, or for etcd), so an error never
 /// suggests restoring a file that is not there.
-fn backup_hint(path: &std::path::Path, lead: &str) -> String {
+fn backup_hint(location: &KeystoreLocation, lead: &str) -> String {
+    let KeystoreLocation::File(path) = location else {
+        return String::new();
+    };
     let mut gens = file::backups(path);
     if gens.is_empty() {
         return String::new();

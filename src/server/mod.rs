@@ -52,7 +52,7 @@ pub enum ServerError {
     Keystore(#[from] KeystoreError),
     /// The keystore loaded but cannot serve.
     #[error("keystore {0} loaded but its primary key failed the self-test round trip")]
-    SelfTest(PathBuf),
+    SelfTest(KeystoreLocation),
     /// A world-writable socket with no allow list.
     #[error("--socket-mode {0:04o} lets every local user call the plugin and there is no --allow-uid/--allow-gid list: anyone on the node could decrypt the cluster's secrets. Use --socket-mode 0600 (or 0660 with --socket-group), add --allow-uid/--allow-gid, or pass --allow-world if that is really intended")]
     WorldSocket(u32),
@@ -228,7 +228,7 @@ impl Prepared {
     ) -> Result<(Keyring, Store, Arc<RootKeyProvider>), ServerError> {
         let ring = Keyring::from_keystore(self.keystore, Arc::new(usage));
         if !ring.healthy() {
-            return Err(ServerError::SelfTest(self.store.name()));
+            return Err(ServerError::SelfTest(self.store.location().clone()));
         }
         Ok((ring, self.store, self.root))
     }

@@ -16,17 +16,22 @@ use zeroize::Zeroizing;
 use crate::keystore::format::{self, FormatError, MAX_FILE_LEN};
 use crate::keystore::model::Keystore;
 use crate::keystore::root_key::{RootKey, RootKeyProvider};
-use crate::keystore::KeystoreError;
+use crate::keystore::{KeystoreError, KeystoreLocation};
 
 /// How many previous generations stay on disk as `PATH.bak.N`.
 pub const BACKUPS_KEPT: usize = 3;
 /// How long a command waits for another one to release the lock.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// The location of a keystore file, for messages.
+fn loc(path: &Path) -> KeystoreLocation {
+    KeystoreLocation::File(path.to_owned())
+}
+
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> KeystoreError + '_ {
     move |source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            KeystoreError::NotFound(path.to_owned())
+            KeystoreError::NotFound(loc(path))
         } else {
             KeystoreError::Io {
                 path: path.to_owned(),
@@ -37,8 +42,8 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> KeystoreError + '_ {
 }
 
 /// Names the file in a format error.
-pub(crate) fn format_err(path: &Path, e: FormatError) -> KeystoreError {
-    let path = path.to_owned();
+pub(crate) fn format_err(location: &KeystoreLocation, e: FormatError) -> KeystoreError {
+    let path = location.clone();
     match e {
         FormatError::NotAKeystore => KeystoreError::NotAKeystore(path),
         FormatError::UnsupportedVersion(version) => KeystoreError::UnsupportedVersion {
@@ -74,18 +79,18 @@ pub fn check_private_file(path: &Path) -> Result<(), KeystoreError> {
 /// Reads and opens the keystore at `path`, deriving the root key as its header says.
 pub fn load(path: &Path, root: &RootKeyProvider) -> Result<Keystore, KeystoreError> {
     let bytes = read_bounded(path)?;
-    decode_with(path, &bytes, root)
+    decode_with(&loc(path), &bytes, root)
 }
 
-/// Opens keystore bytes read from `path` (the path is for messages).
+/// Opens keystore bytes read from `location` (which is for messages).
 pub fn decode_with(
-    path: &Path,
+    location: &KeystoreLocation,
     bytes: &[u8],
     root: &RootKeyProvider,
 ) -> Result<Keystore, KeystoreError> {
-    let header = format::peek(bytes).map_err(|e| format_err(path, e))?;
+    let header = format::peek(bytes).map_err(|e| format_err(location, e))?;
     let key = root.key_for(&header.kdf)?;
-    format::decode(bytes, &key).map_err(|e| format_err(path, e))
+    format::decode(bytes, &key).map_err(|e| format_err(location, e))
 }
 
 /// Reads a keystore file, refusing anything larger than a keystore can be.
@@ -94,7 +99,7 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
     let len = file.metadata().map_err(io_err(path))?.len();
     if len > MAX_FILE_LEN {
         return Err(KeystoreError::Corrupted {
-            path: path.to_owned(),
+            path: loc(path),
             reason: format!("{len} bytes is larger than any keystore ({MAX_FILE_LEN} at most)"),
         });
     }
@@ -109,7 +114,7 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
 pub fn create(path: &Path, root: &RootKeyProvider, ks: &Keystore) -> Result<(), KeystoreError> {
     let _lock = Lock::acquire(path)?;
     if path.exists() {
-        return Err(KeystoreError::AlreadyExists(path.to_owned()));
+        return Err(KeystoreError::AlreadyExists(loc(path)));
     }
     let key = root.key_for(ks.kdf())?;
     write_atomic(path, &key, ks, false)
@@ -120,7 +125,7 @@ pub fn create(path: &Path, root: &RootKeyProvider, ks: &Keystore) -> Result<(), 
 pub fn create_raw(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
     let _lock = Lock::acquire(path)?;
     if path.exists() {
-        return Err(KeystoreError::AlreadyExists(path.to_owned()));
+        return Err(KeystoreError::AlreadyExists(loc(path)));
     }
     write_bytes(path, bytes, false, 0)
 }
@@ -152,7 +157,7 @@ fn rewrite<T>(
     let _lock = Lock::acquire(path)?;
     let mut ks = load(path, old)?;
     let out = change(&mut ks)?;
-    bump_generation(path, &mut ks)?;
+    bump_generation(&loc(path), &mut ks)?;
     let key = new.key_for(ks.kdf())?;
     write_atomic(path, &key, &ks, true)?;
     Ok(out)
@@ -182,12 +187,15 @@ pub fn reseal(
 }
 
 /// Moves a keystore to its next generation before it is written.
-pub(crate) fn bump_generation(path: &Path, ks: &mut Keystore) -> Result<(), KeystoreError> {
+pub(crate) fn bump_generation(
+    location: &KeystoreLocation,
+    ks: &mut Keystore,
+) -> Result<(), KeystoreError> {
     ks.generation = ks
         .generation
         .checked_add(1)
         .ok_or_else(|| KeystoreError::Corrupted {
-            path: path.to_owned(),
+            path: location.clone(),
             reason: "generation counter overflow".to_owned(),
         })?;
     Ok(())
@@ -235,7 +243,7 @@ fn write_atomic(
     ks: &Keystore,
     replace: bool,
 ) -> Result<(), KeystoreError> {
-    let bytes = Zeroizing::new(format::encode(ks, root).map_err(|e| format_err(path, e))?);
+    let bytes = Zeroizing::new(format::encode(ks, root).map_err(|e| format_err(&loc(path), e))?);
     write_bytes(path, &bytes, replace, ks.generation)
 }
 
@@ -255,7 +263,7 @@ fn write_bytes(
     })
     .map_err(|e| {
         if !replace && e.kind() == std::io::ErrorKind::AlreadyExists {
-            KeystoreError::AlreadyExists(path.to_owned())
+            KeystoreError::AlreadyExists(loc(path))
         } else {
             io_err(path)(e)
         }
@@ -384,7 +392,7 @@ impl Lock {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(KeystoreError::Locked(keystore.to_owned()))
+                    return Err(KeystoreError::Locked(loc(keystore)))
                 }
                 Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
             }
@@ -457,7 +465,7 @@ mod tests {
         create(&path, &root(), &ks).expect("create");
         let before = std::fs::read(&path).expect("read");
         let result: Result<(), _> = update(&path, &root(), |_| {
-            Err(KeystoreError::Locked(PathBuf::from("refused on purpose")))
+            Err(KeystoreError::Locked(loc(Path::new("refused on purpose"))))
         });
         assert!(result.is_err());
         assert_eq!(std::fs::read(&path).expect("read"), before);

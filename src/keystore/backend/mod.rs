@@ -68,6 +68,7 @@ impl std::fmt::Display for KeystoreLocation {
 #[derive(Clone)]
 pub struct Store {
     kind: Kind,
+    location: KeystoreLocation,
 }
 
 #[derive(Clone)]
@@ -177,15 +178,13 @@ impl Store {
                 KeystoreLocation::File(p) => Kind::File(p.clone()),
                 KeystoreLocation::Etcd(t) => Kind::Etcd(Etcd::connect(t, tls)?),
             },
+            location: location.clone(),
         })
     }
 
-    /// The location, for messages (a path-like value naming the etcd key).
-    pub fn name(&self) -> PathBuf {
-        match &self.kind {
-            Kind::File(p) => p.clone(),
-            Kind::Etcd(e) => PathBuf::from(format!("{}", e.target())),
-        }
+    /// Where the keystore is, as the operator wrote it: what every message names.
+    pub fn location(&self) -> &KeystoreLocation {
+        &self.location
     }
 
     /// Whether several nodes share this keystore (etcd): rotations are then two-phase and
@@ -206,7 +205,7 @@ impl Store {
     pub async fn read_raw(&self) -> Result<(Vec<u8>, i64), KeystoreError> {
         match &self.kind {
             Kind::File(p) => Ok((blocking(|| file::read_bounded(p))?, 0)),
-            Kind::Etcd(e) => etcd::read_raw(e, &self.name()).await,
+            Kind::Etcd(e) => etcd::read_raw(e, &self.location).await,
         }
     }
 
@@ -214,13 +213,13 @@ impl Store {
     pub async fn load(&self, root: &RootKeyProvider) -> Result<Keystore, KeystoreError> {
         match &self.kind {
             Kind::File(p) => blocking(|| file::load(p, root)),
-            Kind::Etcd(e) => Ok(etcd::load_with_revision(e, &self.name(), root).await?.0),
+            Kind::Etcd(e) => Ok(etcd::load_with_revision(e, &self.location, root).await?.0),
         }
     }
 
     /// Opens sealed bytes read from this store.
     pub fn decode(&self, bytes: &[u8], root: &RootKeyProvider) -> Result<Keystore, KeystoreError> {
-        blocking(|| file::decode_with(&self.name(), bytes, root))
+        blocking(|| file::decode_with(&self.location, bytes, root))
     }
 
     /// Refuses to create a keystore over an existing one, and creates a file keystore's
@@ -228,7 +227,7 @@ impl Store {
     /// created, if any, so the command can say so.
     pub fn prepare_create(&self) -> Result<Option<PathBuf>, KeystoreError> {
         match &self.kind {
-            Kind::File(p) if p.exists() => Err(KeystoreError::AlreadyExists(p.clone())),
+            Kind::File(p) if p.exists() => Err(KeystoreError::AlreadyExists(self.location.clone())),
             Kind::File(p) => create_parent_dir(p),
             Kind::Etcd(_) => Ok(None),
         }
@@ -238,7 +237,7 @@ impl Store {
     pub async fn create(&self, root: &RootKeyProvider, ks: &Keystore) -> Result<(), KeystoreError> {
         match &self.kind {
             Kind::File(p) => blocking(|| file::create(p, root, ks)),
-            Kind::Etcd(e) => etcd::create(e, &self.name(), root, ks).await,
+            Kind::Etcd(e) => etcd::create(e, &self.location, root, ks).await,
         }
     }
 
@@ -246,7 +245,7 @@ impl Store {
     pub async fn create_raw(&self, bytes: Vec<u8>) -> Result<(), KeystoreError> {
         match &self.kind {
             Kind::File(p) => blocking(|| file::create_raw(p, &bytes)),
-            Kind::Etcd(e) => etcd::create_raw(e, &self.name(), bytes).await,
+            Kind::Etcd(e) => etcd::create_raw(e, &self.location, bytes).await,
         }
     }
 
@@ -260,7 +259,7 @@ impl Store {
     ) -> Result<T, KeystoreError> {
         match &self.kind {
             Kind::File(p) => blocking(|| file::update(p, root, change)),
-            Kind::Etcd(e) => etcd::cas_rewrite(e, &self.name(), root, root, change).await,
+            Kind::Etcd(e) => etcd::cas_rewrite(e, &self.location, root, root, change).await,
         }
     }
 
@@ -274,7 +273,7 @@ impl Store {
         match &self.kind {
             Kind::File(p) => blocking(|| file::reseal(p, old, new, record)),
             Kind::Etcd(e) => {
-                etcd::cas_rewrite(e, &self.name(), old, new, |ks| {
+                etcd::cas_rewrite(e, &self.location, old, new, |ks| {
                     ks.kdf = new.new_kdf()?;
                     record(ks);
                     Ok(())
@@ -302,7 +301,7 @@ impl Store {
     ) -> Result<Keystore, KeystoreError> {
         match &self.kind {
             Kind::File(_) => self.load(root).await,
-            Kind::Etcd(e) => etcd::initial(e, &self.name(), root, cache_dir).await,
+            Kind::Etcd(e) => etcd::initial(e, &self.location, root, cache_dir).await,
         }
     }
 
@@ -409,10 +408,10 @@ impl Store {
 
     /// What to tell an operator after staging `id`.
     pub fn staged_hint(&self, id: &str) -> String {
-        let name = self.name();
+        let at = &self.location;
         match &self.kind {
-            Kind::File(_) => format!("staged {id} in {}: it decrypts but does not encrypt. Copy the keystore to every node, check each with `localkms keystore verify`, then `localkms keys promote {id}`.", name.display()),
-            Kind::Etcd(_) => format!("staged {id} in {}: it decrypts but does not encrypt. `localkms nodes` shows when every node has it; then `localkms keys promote {id}`.", name.display()),
+            Kind::File(_) => format!("staged {id} in {at}: it decrypts but does not encrypt. Copy the keystore to every node, check each with `localkms keystore verify`, then `localkms keys promote {id}`."),
+            Kind::Etcd(_) => format!("staged {id} in {at}: it decrypts but does not encrypt. `localkms nodes` shows when every node has it; then `localkms keys promote {id}`."),
         }
     }
 }

@@ -16,7 +16,7 @@ use super::file;
 use crate::keystore::format;
 use crate::keystore::model::Keystore;
 use crate::keystore::root_key::RootKeyProvider;
-use crate::keystore::KeystoreError;
+use crate::keystore::{KeystoreError, KeystoreLocation};
 
 /// How many times a conflicting etcd transaction is retried before giving up.
 pub const CAS_RETRIES: usize = 32;
@@ -31,49 +31,56 @@ pub fn cache_path(dir: &Path) -> PathBuf {
 }
 
 /// The sealed bytes and their modification revision.
-pub(super) async fn read_raw(e: &Etcd, name: &Path) -> Result<(Vec<u8>, i64), KeystoreError> {
+pub(super) async fn read_raw(
+    e: &Etcd,
+    location: &KeystoreLocation,
+) -> Result<(Vec<u8>, i64), KeystoreError> {
     let kv = e
         .get(&e.target().keystore_key())
         .await?
-        .ok_or_else(|| KeystoreError::NotFound(name.to_owned()))?;
+        .ok_or_else(|| KeystoreError::NotFound(location.clone()))?;
     Ok((kv.value, kv.mod_revision))
 }
 
 /// Loads and opens the keystore, with its revision.
 pub(super) async fn load_with_revision(
     e: &Etcd,
-    name: &Path,
+    location: &KeystoreLocation,
     root: &RootKeyProvider,
 ) -> Result<(Keystore, i64), KeystoreError> {
-    let (bytes, rev) = read_raw(e, name).await?;
+    let (bytes, rev) = read_raw(e, location).await?;
     // Deriving the root key may run Argon2id: off the async workers.
     Ok((
-        super::blocking(|| file::decode_with(name, &bytes, root))?,
+        super::blocking(|| file::decode_with(location, &bytes, root))?,
         rev,
     ))
 }
 
 /// Writes sealed bytes as a new keystore, refusing to replace one.
-pub(super) async fn create_raw(e: &Etcd, name: &Path, bytes: Vec<u8>) -> Result<(), KeystoreError> {
+pub(super) async fn create_raw(
+    e: &Etcd,
+    location: &KeystoreLocation,
+    bytes: Vec<u8>,
+) -> Result<(), KeystoreError> {
     if e.put_if(&e.target().keystore_key(), bytes, Expect::Absent)
         .await?
     {
         Ok(())
     } else {
-        Err(KeystoreError::AlreadyExists(name.to_owned()))
+        Err(KeystoreError::AlreadyExists(location.clone()))
     }
 }
 
 /// Seals `ks` under `root` and writes it as a new keystore.
 pub(super) async fn create(
     e: &Etcd,
-    name: &Path,
+    location: &KeystoreLocation,
     root: &RootKeyProvider,
     ks: &Keystore,
 ) -> Result<(), KeystoreError> {
     let key = super::blocking(|| root.key_for(ks.kdf()))?;
-    let bytes = format::encode(ks, &key).map_err(|err| file::format_err(name, err))?;
-    create_raw(e, name, bytes).await
+    let bytes = format::encode(ks, &key).map_err(|err| file::format_err(location, err))?;
+    create_raw(e, location, bytes).await
 }
 
 /// The etcd read-modify-write: opens with `old`, applies `change`, seals the next
@@ -81,24 +88,24 @@ pub(super) async fn create(
 /// from a fresh read otherwise.
 pub(super) async fn cas_rewrite<T>(
     e: &Etcd,
-    name: &Path,
+    location: &KeystoreLocation,
     old: &RootKeyProvider,
     new: &RootKeyProvider,
     mut change: impl FnMut(&mut Keystore) -> Result<T, KeystoreError>,
 ) -> Result<T, KeystoreError> {
     for attempt in 0..CAS_RETRIES {
-        let (mut ks, rev) = load_with_revision(e, name, old).await?;
+        let (mut ks, rev) = load_with_revision(e, location, old).await?;
         let out = change(&mut ks)?;
-        file::bump_generation(name, &mut ks)?;
+        file::bump_generation(location, &mut ks)?;
         let key = super::blocking(|| new.key_for(ks.kdf()))?;
-        let bytes = format::encode(&ks, &key).map_err(|err| file::format_err(name, err))?;
+        let bytes = format::encode(&ks, &key).map_err(|err| file::format_err(location, err))?;
         if cas_write(e, bytes, rev).await? {
             return Ok(out);
         }
         tracing::debug!(attempt, "keystore changed under us in etcd; retrying");
         tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt as u64 + 1))).await;
     }
-    Err(KeystoreError::Conflict(name.to_owned(), CAS_RETRIES))
+    Err(KeystoreError::Conflict(location.clone(), CAS_RETRIES))
 }
 
 /// Writes `bytes` over the keystore key if it is still at revision `rev`. When the answer is
@@ -129,12 +136,12 @@ async fn cas_write(e: &Etcd, bytes: Vec<u8>, rev: i64) -> Result<bool, KeystoreE
 /// sealed copy in `cache_dir`. A copy from etcd refreshes the cache.
 pub(super) async fn initial(
     e: &Etcd,
-    name: &Path,
+    location: &KeystoreLocation,
     root: &RootKeyProvider,
     cache_dir: Option<&Path>,
 ) -> Result<Keystore, KeystoreError> {
     let cache = cache_dir.map(cache_path);
-    let from_etcd = match tokio::time::timeout(START_TIMEOUT, read_raw(e, name)).await {
+    let from_etcd = match tokio::time::timeout(START_TIMEOUT, read_raw(e, location)).await {
         Ok(Ok((bytes, _))) => Ok(bytes),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(KeystoreError::Etcd(EtcdError::StreamEnded(
@@ -143,7 +150,7 @@ pub(super) async fn initial(
     };
     match from_etcd {
         Ok(bytes) => {
-            let ks = super::blocking(|| file::decode_with(name, &bytes, root))?;
+            let ks = super::blocking(|| file::decode_with(location, &bytes, root))?;
             if let Some(dir) = cache_dir {
                 update_cache(dir, &bytes);
             }
