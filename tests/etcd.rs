@@ -507,8 +507,8 @@ fn a_vanished_node_stops_blocking_convergence_once_its_lease_expires() {
     let (_etcd, url, node) = initialised("lease");
     // A lease long enough that b's record is surely still live when the first rotation runs,
     // however loaded the machine.
-    let _a = node.serve(&url, "a", &["--node-ttl", "8s"]);
-    let mut b = node.serve(&url, "b", &["--node-ttl", "8s"]);
+    let _a = node.serve(&url, "a", &["--node-ttl", "5s"]);
+    let mut b = node.serve(&url, "b", &["--node-ttl", "5s"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ok(&node.run(&url, &["nodes"])).contains("\nb ") {
         assert!(Instant::now() < deadline, "b never reported");

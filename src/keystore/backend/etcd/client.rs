@@ -22,7 +22,7 @@ use crate::proto::etcd::{
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a call keeps going round the members while none can answer (an election after a
 /// member died takes a few seconds on a loaded machine).
-pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(10);
+pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(6);
 
 /// A member that could not be connected to at all (as opposed to one that answered badly).
 fn unreachable(status: &tonic::Status) -> bool {
