@@ -202,9 +202,11 @@ impl Node {
         ]
     }
 
+    /// `localkms CMD` against the plaintext loopback etcd these tests run.
     fn run(&self, url: &str, cmd: &[&str]) -> Output {
         let mut all: Vec<&str> = cmd.to_vec();
         all.extend(self.args(url));
+        all.push("--etcd-insecure");
         localkms(&all)
     }
 
@@ -215,6 +217,7 @@ impl Node {
             .arg("--socket")
             .arg(&socket)
             .args(self.args(url))
+            .arg("--etcd-insecure")
             .arg("--cache-dir")
             .arg(self.dir.path().join(format!("cache-{name}")))
             .args(["--node-name", name])
@@ -404,6 +407,7 @@ fn concurrent_mutations_are_retried_never_lost() {
             let mut cmd = Command::new(bin());
             cmd.args(["keys", "rotate", "--stage"])
                 .args(node.args(&url))
+                .arg("--etcd-insecure")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             cmd.spawn().expect("spawn")
@@ -571,6 +575,7 @@ fn keystore_copy_moves_a_file_keystore_into_etcd_and_back_unchanged() {
         file,
         "--to",
         &url,
+        "--etcd-insecure",
         "--root-key-file",
         rk,
     ]));
@@ -580,6 +585,7 @@ fn keystore_copy_moves_a_file_keystore_into_etcd_and_back_unchanged() {
         "--json",
         "--keystore",
         &url,
+        "--etcd-insecure",
         "--root-key-file",
         rk,
     ]));
@@ -601,6 +607,7 @@ fn keystore_copy_moves_a_file_keystore_into_etcd_and_back_unchanged() {
         file,
         "--to",
         &url,
+        "--etcd-insecure",
         "--root-key-file",
         rk,
     ]);
@@ -614,6 +621,7 @@ fn keystore_copy_moves_a_file_keystore_into_etcd_and_back_unchanged() {
         "copy",
         "--from",
         &url,
+        "--etcd-insecure",
         "--to",
         back.to_str().expect("utf8"),
         "--root-key-file",
@@ -868,8 +876,56 @@ fn every_keys_command_and_root_key_rotation_work_on_etcd() {
         "verify",
         "--keystore",
         &url,
+        "--etcd-insecure",
         "--root-key-file",
         new_key_s,
     ]));
     assert!(after.contains(&format!("key: {staged} primary")), "{after}");
+}
+
+/// Without TLS flags the client refuses plaintext, names the fix, and changes nothing;
+/// `--etcd-insecure` allows it only to loopback; a client key others can read is refused.
+#[test]
+fn plaintext_etcd_needs_an_explicit_flag_and_loopback() {
+    if !etcd_available() {
+        return;
+    }
+    let (_etcd, url, node) = initialised("plain");
+    let mut args = vec!["keys", "list"];
+    args.extend(node.args(&url));
+    let out = localkms(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without TLS") && err.contains("--etcd-insecure") && err.contains(&url),
+        "{err}"
+    );
+    let remote = url.replacen("127.0.0.1", "192.0.2.1", 1);
+    let out = node.run(&remote, &["keys", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loopback endpoints only"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A client key file with group/other access is refused like a root key file.
+    let key = node.dir.path().join("client.key");
+    let cert = node.dir.path().join("client.crt");
+    std::fs::write(&key, b"not really a key").expect("key");
+    std::fs::write(&cert, b"not really a cert").expect("cert");
+    let mut perms = std::fs::metadata(&key).expect("key").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&key, perms).expect("chmod");
+    let mut args = vec!["keys", "list"];
+    args.extend(node.args(&url));
+    args.extend([
+        "--etcd-cert",
+        cert.to_str().expect("utf8"),
+        "--etcd-key",
+        key.to_str().expect("utf8"),
+    ]);
+    let out = localkms(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("client.key") && err.contains("chmod"), "{err}");
 }

@@ -241,9 +241,12 @@ pub struct EtcdTlsArgs {
     /// Client certificate for etcd (PEM).
     #[arg(long, env = "LOCALKMS_ETCD_CERT")]
     pub etcd_cert: Option<PathBuf>,
-    /// Client key for etcd (PEM).
+    /// Client key for etcd (PEM; owner-only, mode 0600 or 0400).
     #[arg(long, env = "LOCALKMS_ETCD_KEY")]
     pub etcd_key: Option<PathBuf>,
+    /// Reach etcd without TLS: allowed only when every endpoint is on loopback.
+    #[arg(long, env = "LOCALKMS_ETCD_INSECURE", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub etcd_insecure: bool,
 }
 
 impl EtcdTlsArgs {
@@ -253,6 +256,7 @@ impl EtcdTlsArgs {
             cacert: self.etcd_cacert.clone(),
             cert: self.etcd_cert.clone(),
             key: self.etcd_key.clone(),
+            insecure: self.etcd_insecure,
         }
     }
 }

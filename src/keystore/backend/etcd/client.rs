@@ -83,6 +83,15 @@ pub enum EtcdError {
     /// A watch or keep-alive stream ended.
     #[error("etcd {0} stream ended")]
     StreamEnded(&'static str),
+    /// No TLS was configured and plaintext was not asked for.
+    #[error("refusing to reach {0} without TLS: the sealed keystore, the node records and decrypt usage would cross the network in clear. Pass --etcd-cacert, --etcd-cert and --etcd-key (a control plane's etcd requires them), or --etcd-insecure for an etcd on this host's loopback")]
+    Plaintext(String),
+    /// `--etcd-insecure` with an endpoint off loopback.
+    #[error("--etcd-insecure allows plaintext to loopback endpoints only, and {0} is not one; use --etcd-cacert, --etcd-cert and --etcd-key")]
+    InsecureRemote(String),
+    /// The client key file is not private.
+    #[error("etcd client key: {0}")]
+    KeyFile(String),
 }
 
 /// Where in etcd a keystore lives.
@@ -128,20 +137,51 @@ impl std::fmt::Display for EtcdTarget {
     }
 }
 
-/// TLS material for etcd (all optional; none means plaintext).
+/// TLS material for etcd. With none, the client refuses to connect unless `insecure` is set
+/// and every endpoint is on loopback: the sealed keystore, node records and usage must never
+/// cross a network in clear by accident.
 #[derive(Clone, Debug, Default)]
 pub struct EtcdTls {
     /// CA bundle that signed the etcd server certificates.
     pub cacert: Option<PathBuf>,
     /// Client certificate.
     pub cert: Option<PathBuf>,
-    /// Client key.
+    /// Client key (owner-only, like a root key file).
     pub key: Option<PathBuf>,
+    /// `--etcd-insecure`: allow plaintext, to loopback endpoints only.
+    pub insecure: bool,
+}
+
+/// Whether `endpoint` (`host:port`) is on this host's loopback.
+fn is_loopback(endpoint: &str) -> bool {
+    let host = endpoint
+        .rsplit_once(':')
+        .map_or(endpoint, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl EtcdTls {
     fn enabled(&self) -> bool {
         self.cacert.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// Refuses plaintext unless asked for, and then anywhere but loopback.
+    fn check_plaintext(&self, target: &EtcdTarget) -> Result<(), EtcdError> {
+        if self.enabled() {
+            return Ok(());
+        }
+        if !self.insecure {
+            return Err(EtcdError::Plaintext(target.to_string()));
+        }
+        match target.endpoints.iter().find(|e| !is_loopback(e)) {
+            Some(remote) => Err(EtcdError::InsecureRemote(remote.clone())),
+            None => Ok(()),
+        }
     }
 
     fn config(&self) -> Result<ClientTlsConfig, EtcdError> {
@@ -156,8 +196,14 @@ impl EtcdTls {
             tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
         }
         match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => {
-                let key = zeroize::Zeroizing::new(read(key)?);
+            (Some(cert), Some(key_path)) => {
+                let meta = std::fs::metadata(key_path).map_err(|source| EtcdError::TlsFile {
+                    path: key_path.clone(),
+                    source,
+                })?;
+                crate::keystore::root_key::check_private(key_path, &meta)
+                    .map_err(|e| EtcdError::KeyFile(e.to_string()))?;
+                let key = zeroize::Zeroizing::new(read(key_path)?);
                 tls = tls.identity(Identity::from_pem(read(cert)?, &*key));
             }
             (None, None) => {}
@@ -198,6 +244,7 @@ pub struct Etcd {
 impl Etcd {
     /// A client for `target`, balancing across its endpoints.
     pub fn connect(target: &EtcdTarget, tls: &EtcdTls) -> Result<Self, EtcdError> {
+        tls.check_plaintext(target)?;
         let scheme = if tls.enabled() { "https" } else { "http" };
         let mut endpoints = Vec::new();
         for e in &target.endpoints {
@@ -469,6 +516,32 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plaintext_only_on_request_and_only_to_loopback() {
+        let target = |e: &str| EtcdTarget::parse(&format!("etcd://{e}/p")).expect("target");
+        let plain = EtcdTls::default();
+        let insecure = EtcdTls {
+            insecure: true,
+            ..EtcdTls::default()
+        };
+        let err = Etcd::connect(&target("127.0.0.1:2379"), &plain)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("--etcd-insecure"), "{err}");
+        for ok in [
+            "127.0.0.1:2379",
+            "localhost:2379",
+            "[::1]:2379",
+            "127.0.0.2:1,localhost:2",
+        ] {
+            assert!(Etcd::connect(&target(ok), &insecure).is_ok(), "{ok}");
+        }
+        let err = Etcd::connect(&target("127.0.0.1:2379,10.0.0.5:2379"), &insecure)
+            .err()
+            .expect("remote refused");
+        assert!(err.to_string().contains("10.0.0.5:2379"), "{err}");
+    }
 
     #[test]
     fn urls_parse() {
