@@ -327,3 +327,37 @@ fn flags_and_messages_are_consistent() {
         "{version}"
     );
 }
+
+/// `keys destroy` leaves no copy of the key beside the keystore: every file there that opens
+/// with the root key (the keystore and each `.bak.N`) holds only a tombstone for it, and the
+/// message says what was done.
+#[test]
+fn destroy_leaves_no_copy_of_the_key_beside_the_keystore() {
+    use localkms::keystore::{self, RootKeyProvider, RootKeySource};
+    let (ws, old) = rotated_workspace();
+    let out = ws.keys(&["rotate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = ws.keys(&["destroy", &old, "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("2 rewritten without it, 1 removed"),
+        "{}",
+        text(&out)
+    );
+    let root = RootKeyProvider::open(&RootKeySource::KeyFile(ws.root_key.clone())).expect("root");
+    let mut opened = 0;
+    for entry in std::fs::read_dir(ws.dir.path()).expect("dir") {
+        let path = entry.expect("entry").path();
+        let Ok(ks) = keystore::load(&path, &root) else {
+            continue;
+        };
+        opened += 1;
+        for r in ks.records() {
+            if r.id.as_str() == old {
+                assert!(r.material.is_none(), "{} still holds {old}", path.display());
+            }
+        }
+    }
+    // The keystore and the two backups that could be kept (the first had it as primary).
+    assert_eq!(opened, 3);
+}

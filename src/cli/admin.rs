@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use crate::key_id::KeyId;
 use crate::keyring::usage::{UsageError, UsageFile};
 use crate::keystore::backend::etcd::nodes;
-use crate::keystore::backend::UsageOrEtcdError;
+use crate::keystore::backend::{Scrubbed, UsageOrEtcdError};
 use crate::keystore::{
     Actor, DestroyEvidence, DestroyGuard, HistoryEntry, KeyState, Keystore, KeystoreError,
     KeystoreLocation, RootKeyError, RootKeyProvider, RootKeySource, Store,
@@ -459,6 +459,10 @@ pub async fn keys_change(
             Ok(())
         })
         .await?;
+    let scrubbed = match change {
+        KeyChange::Destroy { .. } => Some(o.store.scrub_destroyed(&o.root, id).await?),
+        _ => None,
+    };
     let (out, committed) = match change {
         KeyChange::Promote => (
             format!("promoted {id} to primary; the previous primary is retired and still decrypts\n"),
@@ -470,11 +474,28 @@ pub async fn keys_change(
         ),
         KeyChange::Enable => (format!("enabled {id}\n"), format!("enabled {id}")),
         KeyChange::Destroy { .. } => (
-            format!("destroyed {id}: its material is gone from the current keystore; a tombstone keeps the id so errors can say what happened. Older copies (backups beside the keystore, etcd history, other nodes' caches) may still hold it\n"),
+            destroyed_message(id, o.store.location(), scrubbed),
             format!("destroyed {id}"),
         ),
     };
-    Ok(Printed::out(out).committed(committed))
+    let printed = Printed::out(out).committed(committed);
+    Ok(match scrubbed {
+        Some(Scrubbed::Shared { revision }) => printed.with_note(format!(
+            "warning: copies of {id} remain outside this command's reach: in etcd's history until it is compacted past revision {revision} (kube-apiserver compacts every 5 minutes by default; or run `etcdctl compact {revision}`), in each node's --cache-dir copy until its server loads this change (seconds), and in any backup you made yourself"
+        )),
+        _ => printed,
+    })
+}
+
+/// What `keys destroy` says it did: only what is true.
+fn destroyed_message(id: &str, at: &KeystoreLocation, scrubbed: Option<Scrubbed>) -> String {
+    let tombstone = "a tombstone keeps the id so errors can say what happened";
+    match scrubbed {
+        Some(Scrubbed::Backups { rewritten, removed }) => format!(
+            "destroyed {id}: its material is gone from {at} and from the backups beside it ({rewritten} rewritten without it, {removed} removed because they could not be opened or had it as their primary); {tombstone}. Copies you made yourself (other nodes' copies of the file, your own backups) still hold it until you replace them\n"
+        ),
+        _ => format!("destroyed {id} in {at}; {tombstone}\n"),
+    }
 }
 
 /// `root-key rotate`.

@@ -501,6 +501,24 @@ impl Keystore {
         Ok(())
     }
 
+    /// In an old copy of the keystore (a backup), wipes the material of a KEK destroyed since,
+    /// leaving a tombstone and the copy's history as they were. Returns whether anything
+    /// changed. Not a lifecycle change: the current keystore records the destroy.
+    pub fn scrub(&mut self, id: &str) -> bool {
+        let Ok(idx) = self.find(id) else {
+            return false;
+        };
+        let rec = &mut self.records[idx];
+        if rec.material.is_none() {
+            return false;
+        }
+        rec.state = KeyState::Destroyed;
+        rec.disabled_from = None;
+        // Dropping the key wipes it.
+        rec.material = None;
+        true
+    }
+
     /// Wipes a KEK's material, keeping a tombstone (id and time) so errors can say what
     /// happened. Refuses the primary always; unless `guard` is [`DestroyGuard::Force`], also
     /// refuses a staged key, a key that left service less than `min_retired_age` ago, a key

@@ -346,6 +346,46 @@ pub fn backups(path: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// After `id` was destroyed in the keystore at `path`: rewrites every backup beside it that
+/// still holds the KEK's material with the material wiped, and removes a backup that cannot
+/// be opened with `root` (it cannot be checked) or whose primary was that KEK (it cannot be
+/// valid without it). Returns how many were rewritten and removed.
+/// The files are replaced, so their old blocks are freed by the filesystem, not overwritten.
+pub fn scrub_backups(
+    path: &Path,
+    root: &RootKeyProvider,
+    id: &str,
+) -> Result<(usize, usize), KeystoreError> {
+    let _lock = Lock::acquire(path)?;
+    let (mut rewritten, mut removed) = (0, 0);
+    for generation in backups(path) {
+        let copy = backup_path(path, generation);
+        let opened = load(&copy, root);
+        // A copy whose primary is the destroyed key cannot be valid without it.
+        let was_primary = opened
+            .as_ref()
+            .is_ok_and(|ks| ks.primary().is_some_and(|p| p.id.as_str() == id));
+        match opened {
+            Ok(mut ks) if !was_primary => {
+                if ks.scrub(id) {
+                    let key = root.key_for(ks.kdf())?;
+                    let bytes = Zeroizing::new(
+                        format::encode(&ks, &key).map_err(|e| format_err(&loc(&copy), e))?,
+                    );
+                    write_atomically(&copy, &temp_prefix(path), &bytes, true, || {})
+                        .map_err(io_err(&copy))?;
+                    rewritten += 1;
+                }
+            }
+            _ => {
+                std::fs::remove_file(&copy).map_err(io_err(&copy))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok((rewritten, removed))
+}
+
 /// An exclusive advisory lock on `PATH.lock`, held for the life of the value.
 pub struct Lock {
     _file: File,

@@ -283,6 +283,25 @@ impl Store {
         }
     }
 
+    /// After the KEK `id` was destroyed: removes it from every other copy this node controls
+    /// (a file keystore's backups), and says where copies it cannot reach remain.
+    pub async fn scrub_destroyed(
+        &self,
+        root: &RootKeyProvider,
+        id: &str,
+    ) -> Result<Scrubbed, KeystoreError> {
+        match &self.kind {
+            Kind::File(p) => {
+                let (rewritten, removed) = blocking(|| file::scrub_backups(p, root, id))?;
+                Ok(Scrubbed::Backups { rewritten, removed })
+            }
+            Kind::Etcd(e) => {
+                let (_, revision) = etcd::read_raw(e, &self.location).await?;
+                Ok(Scrubbed::Shared { revision })
+            }
+        }
+    }
+
     /// Refuses a keystore file that other users could read or replace (a no-op for etcd,
     /// whose access control is etcd's).
     pub fn check_private(&self) -> Result<(), KeystoreError> {
@@ -414,6 +433,25 @@ impl Store {
             Kind::Etcd(_) => format!("staged {id} in {at}: it decrypts but does not encrypt. `localkms nodes` shows when every node has it; then `localkms keys promote {id}`."),
         }
     }
+}
+
+/// What [`Store::scrub_destroyed`] did, for the command to report truthfully.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scrubbed {
+    /// A file keystore: backups rewritten without the key, and backups removed because they
+    /// could not be opened to check.
+    Backups {
+        /// Rewritten.
+        rewritten: usize,
+        /// Removed.
+        removed: usize,
+    },
+    /// etcd: the key's older revisions stay in etcd's history until it is compacted past
+    /// `revision`, and every node's cache until its server loads the change.
+    Shared {
+        /// The keystore key's revision holding the destroy.
+        revision: i64,
+    },
 }
 
 /// Why usage could not be gathered.
