@@ -243,3 +243,68 @@ async fn a_thousand_concurrent_round_trips_from_sixteen_tasks() {
     assert!(total >= 1000, "{total}");
     server.stop().await.expect("clean stop");
 }
+
+/// A KMS v1 DEK ciphertext is not a KMS v2 seed, nor the other way round: the envelope binds
+/// the API that sealed it, and each API refuses the other's with InvalidArgument, naming both.
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_and_v2_ciphertexts_are_not_interchangeable() {
+    use localkms::proto::v1beta1::key_management_service_client::KeyManagementServiceClient as V1Client;
+    use localkms::proto::v1beta1::{DecryptRequest as V1Decrypt, EncryptRequest as V1Encrypt};
+    let server = support::InProcess::start().await;
+    let mut v2 = server.client().await;
+    let mut v1 = V1Client::new(
+        localkms::client::connect(&server.endpoint())
+            .await
+            .expect("connect"),
+    );
+    let v1_ct = v1
+        .encrypt(V1Encrypt {
+            version: "v1beta1".into(),
+            plain: vec![3u8; 32],
+        })
+        .await
+        .expect("v1 encrypt")
+        .into_inner()
+        .cipher;
+    let v2_ct = v2
+        .encrypt(enc(&[4u8; 32]))
+        .await
+        .expect("v2 encrypt")
+        .into_inner();
+
+    let err = v2
+        .decrypt(dec(&v1_ct, &v2_ct.key_id))
+        .await
+        .expect_err("a v1 DEK is not a v2 seed");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("KMS v1") && err.message().contains("KMS v2"),
+        "{}",
+        err.message()
+    );
+    let err = v1
+        .decrypt(V1Decrypt {
+            version: "v1beta1".into(),
+            cipher: v2_ct.ciphertext.clone(),
+        })
+        .await
+        .expect_err("a v2 seed is not a v1 DEK");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Each still opens through its own API.
+    let plain = v1
+        .decrypt(V1Decrypt {
+            version: "v1beta1".into(),
+            cipher: v1_ct,
+        })
+        .await
+        .expect("v1 decrypt")
+        .into_inner()
+        .plain;
+    assert_eq!(plain, vec![3u8; 32]);
+    let out = v2
+        .decrypt(dec(&v2_ct.ciphertext, &v2_ct.key_id))
+        .await
+        .expect("v2 decrypt")
+        .into_inner();
+    assert_eq!(out.plaintext, vec![4u8; 32]);
+}

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! offset        size  field
-//! 0             1     format version (1)
+//! 0             1     format version: 2 = a KMS v2 seed, 3 = a KMS v1 DEK (1 = written by
+//!                     builds before the API was bound in; accepted by both APIs)
 //! 1             1     key id length L (1..=64)
 //! 2             L     key id (ASCII)
 //! 2+L           16    salt: random per message
@@ -11,7 +12,9 @@
 //! 30+L+n        16    GCM tag
 //! ```
 //! The header (everything before the ciphertext) is the AAD, so the version, key id, salt and
-//! nonce cannot be altered without failing authentication. Each message is sealed under its own
+//! nonce cannot be altered without failing authentication. Because the version names the API
+//! that sealed it, a KMS v1 DEK ciphertext cannot be passed off as a KMS v2 seed or the other
+//! way round. Each message is sealed under its own
 //! key, HKDF-SHA256(KEK, salt, "localkms/envelope/v1"), so the 2^32-messages bound on random
 //! 96-bit nonces applies per message key rather than per KEK. A 32-byte seed under a 21-byte
 //! key id takes 99 bytes.
@@ -24,8 +27,36 @@ use super::{
 };
 use crate::key_id::{KeyId, KeyIdError};
 
-/// The only envelope version this build writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+/// The envelope version written before ciphertexts were bound to their API: still read, by
+/// both APIs, so data stored by earlier builds keeps decrypting.
+pub const FORMAT_LEGACY: u8 = 1;
+/// The newest format this build writes (for KMS v2; KMS v1 writes the version after it).
+pub const FORMAT_VERSION: u8 = 2;
+
+/// Which KMS API a ciphertext belongs to; bound into the envelope's authenticated header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// KMS v1 (`v1beta1`): the apiserver's per-object DEK.
+    V1,
+    /// KMS v2: the apiserver's DEK seed.
+    V2,
+}
+
+impl Api {
+    fn version(self) -> u8 {
+        match self {
+            Api::V2 => 2,
+            Api::V1 => 3,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Api::V1 => "KMS v1",
+            Api::V2 => "KMS v2",
+        }
+    }
+}
 /// The apiserver discards ciphertexts longer than this.
 pub const MAX_CIPHERTEXT_LEN: usize = 1024;
 /// Per-message salt length.
@@ -57,8 +88,16 @@ pub enum EnvelopeError {
     )]
     CiphertextTooLarge(usize),
     /// First byte names a format this build does not know.
-    #[error("ciphertext has format version {0}; this build reads version {FORMAT_VERSION} only (was it made by another KMS plugin?)")]
+    #[error("ciphertext has format version {0}; this build reads versions 1 to 3 only (was it made by another KMS plugin?)")]
     UnknownVersion(u8),
+    /// Sealed for the other API.
+    #[error("ciphertext was sealed by {sealed} and cannot be opened through {asked}")]
+    WrongApi {
+        /// The API that sealed it.
+        sealed: &'static str,
+        /// The API asked to open it.
+        asked: &'static str,
+    },
     /// Shorter than its own header says it must be.
     #[error("ciphertext is truncated: {len} bytes, but its header needs at least {need}")]
     Truncated {
@@ -88,22 +127,28 @@ pub fn max_plaintext_len(key_id: &KeyId) -> usize {
     MAX_CIPHERTEXT_LEN - overhead(key_id.as_str().len())
 }
 
-/// Seals `plaintext` under `kek`, naming `key_id` in the header.
-pub fn seal(kek: &SecretKey, key_id: &KeyId, plaintext: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+/// Seals `plaintext` for `api` under `kek`, naming `key_id` in the header.
+pub fn seal(
+    kek: &SecretKey,
+    key_id: &KeyId,
+    plaintext: &[u8],
+    api: Api,
+) -> Result<Vec<u8>, EnvelopeError> {
     let mut salt = [0u8; SALT_LEN];
     let mut nonce = [0u8; NONCE_LEN];
     fill_random(&mut salt).map_err(EnvelopeError::Crypto)?;
     fill_random(&mut nonce).map_err(EnvelopeError::Crypto)?;
-    seal_with(kek, key_id, plaintext, &salt, &nonce)
+    seal_with(kek, key_id, plaintext, &salt, &nonce, api.version())
 }
 
-/// [`seal`] with caller-chosen salt and nonce: for frozen test vectors only.
+/// [`seal`] with caller-chosen salt, nonce and version byte: for frozen test vectors only.
 fn seal_with(
     kek: &SecretKey,
     key_id: &KeyId,
     plaintext: &[u8],
     salt: &[u8; SALT_LEN],
     nonce: &[u8; NONCE_LEN],
+    version: u8,
 ) -> Result<Vec<u8>, EnvelopeError> {
     if plaintext.is_empty() {
         return Err(EnvelopeError::EmptyPlaintext);
@@ -118,7 +163,7 @@ fn seal_with(
     let id = key_id.as_str().as_bytes();
     // Holds plaintext until sealed in place: wiped if anything fails before that.
     let mut out = Zeroizing::new(Vec::with_capacity(overhead(id.len()) + plaintext.len()));
-    out.push(FORMAT_VERSION);
+    out.push(version);
     // KeyId guarantees 1..=64 bytes, so the length fits in one byte.
     out.push(id.len() as u8);
     out.extend_from_slice(id);
@@ -139,6 +184,7 @@ fn seal_with(
 /// Parsing first lets the caller find the KEK by id (and check the request's key_id) before
 /// any cryptography runs.
 pub struct Envelope<'a> {
+    version: u8,
     key_id: KeyId,
     header: &'a [u8],
     salt: &'a [u8; SALT_LEN],
@@ -155,7 +201,7 @@ impl<'a> Envelope<'a> {
         if len > MAX_CIPHERTEXT_LEN {
             return Err(EnvelopeError::CiphertextTooLarge(len));
         }
-        if version != FORMAT_VERSION {
+        if !(FORMAT_LEGACY..=3).contains(&version) {
             return Err(EnvelopeError::UnknownVersion(version));
         }
         let (&id_len, rest) = rest.split_first().ok_or(EnvelopeError::Truncated {
@@ -176,6 +222,7 @@ impl<'a> Envelope<'a> {
         let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
         let header_len = 2 + id_len + SALT_LEN + NONCE_LEN;
         Ok(Envelope {
+            version,
             key_id,
             header: &bytes[..header_len],
             salt: salt
@@ -194,6 +241,23 @@ impl<'a> Envelope<'a> {
     /// The KEK this ciphertext claims to be sealed under.
     pub fn key_id(&self) -> &KeyId {
         &self.key_id
+    }
+
+    /// Refuses a ciphertext sealed for the other API, before any cryptography (the version
+    /// byte is authenticated, so an edited one fails [`Envelope::open`] anyway).
+    pub fn check_api(&self, api: Api) -> Result<(), EnvelopeError> {
+        if self.version == FORMAT_LEGACY || self.version == api.version() {
+            return Ok(());
+        }
+        let sealed = if self.version == Api::V1.version() {
+            Api::V1
+        } else {
+            Api::V2
+        };
+        Err(EnvelopeError::WrongApi {
+            sealed: sealed.name(),
+            asked: api.name(),
+        })
     }
 
     /// Authenticates and decrypts under `kek`; the plaintext is wiped when the result drops.
@@ -248,10 +312,35 @@ mod tests {
         (0x20u8..0x40).collect()
     }
 
+    /// The same inputs sealed as a KMS v2 seed (version 2) and a KMS v1 DEK (version 3): the
+    /// ciphertext bytes match version 1's (same key and nonce), the first byte and the tag do
+    /// not. Reproduced independently with Python's `cryptography` like VECTOR_V1.
+    const VECTOR_V2_SEED: &str = concat!(
+        "02156b656b2d32303236313132362d3366326139633165",
+        "a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5",
+        "5a5a5a5a5a5a5a5a5a5a5a5a",
+        "7eb73acfd46d03cf8c44885caf7f4cb7c24f9bada39e95234d45e9633ea0be1d",
+        "b86817fbeb748cf58dd788062d2d3d4e",
+    );
+    const VECTOR_V1_DEK: &str = concat!(
+        "03156b656b2d32303236313132362d3366326139633165",
+        "a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5",
+        "5a5a5a5a5a5a5a5a5a5a5a5a",
+        "7eb73acfd46d03cf8c44885caf7f4cb7c24f9bada39e95234d45e9633ea0be1d",
+        "3e91b3c57dd9373271fcc10dddb4bffe",
+    );
+
     #[test]
     fn frozen_vector_seals_and_opens() {
-        let sealed =
-            seal_with(&kek(), &id(), &vector_plaintext(), &[0xa5; 16], &[0x5a; 12]).expect("seal");
+        let sealed = seal_with(
+            &kek(),
+            &id(),
+            &vector_plaintext(),
+            &[0xa5; 16],
+            &[0x5a; 12],
+            1,
+        )
+        .expect("seal");
         assert_eq!(hex(&sealed), VECTOR_V1);
         let bytes = unhex(VECTOR_V1);
         let env = Envelope::parse(&bytes).expect("parse");
@@ -260,13 +349,49 @@ mod tests {
             &env.open(&kek()).expect("open")[..],
             &vector_plaintext()[..]
         );
+        // Written by earlier builds: both APIs still open it.
+        assert!(env.check_api(Api::V1).is_ok() && env.check_api(Api::V2).is_ok());
+    }
+
+    #[test]
+    fn frozen_vectors_bind_the_api() {
+        for (api, vector) in [(Api::V2, VECTOR_V2_SEED), (Api::V1, VECTOR_V1_DEK)] {
+            let sealed = seal_with(
+                &kek(),
+                &id(),
+                &vector_plaintext(),
+                &[0xa5; 16],
+                &[0x5a; 12],
+                api.version(),
+            )
+            .expect("seal");
+            assert_eq!(hex(&sealed), vector, "{api:?}");
+            let bytes = unhex(vector);
+            let env = Envelope::parse(&bytes).expect("parse");
+            assert!(env.check_api(api).is_ok());
+            let other = if api == Api::V1 { Api::V2 } else { Api::V1 };
+            let err = env.check_api(other).expect_err("other API refused");
+            assert!(
+                err.to_string().contains("cannot be opened through"),
+                "{err}"
+            );
+            assert_eq!(
+                &env.open(&kek()).expect("open")[..],
+                &vector_plaintext()[..]
+            );
+            // Relabelling the API fails authentication.
+            let mut relabelled = bytes.clone();
+            relabelled[0] = other.version();
+            let env = Envelope::parse(&relabelled).expect("parse");
+            assert!(matches!(env.open(&kek()), Err(EnvelopeError::Tampered)));
+        }
     }
 
     #[test]
     fn round_trip_is_randomised_and_small() {
         let pt = [7u8; 32];
-        let a = seal(&kek(), &id(), &pt).expect("seal");
-        let b = seal(&kek(), &id(), &pt).expect("seal");
+        let a = seal(&kek(), &id(), &pt, Api::V2).expect("seal");
+        let b = seal(&kek(), &id(), &pt, Api::V2).expect("seal");
         assert_ne!(a, b, "two encryptions of one plaintext must differ");
         assert_eq!(a.len(), 99);
         for ct in [&a, &b] {
@@ -277,7 +402,7 @@ mod tests {
 
     #[test]
     fn every_tampered_byte_is_detected() {
-        let ct = seal(&kek(), &id(), &[1u8; 32]).expect("seal");
+        let ct = seal(&kek(), &id(), &[1u8; 32], Api::V2).expect("seal");
         for i in 0..ct.len() {
             for flip in [0x01u8, 0x80] {
                 let mut bad = ct.clone();
@@ -294,7 +419,7 @@ mod tests {
 
     #[test]
     fn every_truncation_is_refused() {
-        let ct = seal(&kek(), &id(), &[1u8; 32]).expect("seal");
+        let ct = seal(&kek(), &id(), &[1u8; 32], Api::V2).expect("seal");
         for len in 0..ct.len() {
             let result = Envelope::parse(&ct[..len]).and_then(|env| env.open(&kek()));
             assert!(result.is_err(), "truncation to {len} bytes was accepted");
@@ -311,14 +436,14 @@ mod tests {
 
     #[test]
     fn wrong_version_and_wrong_key_are_refused() {
-        let mut ct = seal(&kek(), &id(), &[1u8; 32]).expect("seal");
+        let mut ct = seal(&kek(), &id(), &[1u8; 32], Api::V2).expect("seal");
         let other = SecretKey::from_slice(&[9u8; 32]).expect("32 bytes");
         let env = Envelope::parse(&ct).expect("parse");
         assert!(matches!(env.open(&other), Err(EnvelopeError::Tampered)));
-        ct[0] = 2;
+        ct[0] = 4;
         assert!(matches!(
             Envelope::parse(&ct),
-            Err(EnvelopeError::UnknownVersion(2))
+            Err(EnvelopeError::UnknownVersion(4))
         ));
         assert!(matches!(
             Envelope::parse(&[0u8; 1025]),
@@ -329,14 +454,14 @@ mod tests {
     #[test]
     fn plaintext_limits() {
         assert!(matches!(
-            seal(&kek(), &id(), &[]),
+            seal(&kek(), &id(), &[], Api::V2),
             Err(EnvelopeError::EmptyPlaintext)
         ));
         let max = max_plaintext_len(&id());
-        let ct = seal(&kek(), &id(), &vec![0u8; max]).expect("largest plaintext fits");
+        let ct = seal(&kek(), &id(), &vec![0u8; max], Api::V2).expect("largest plaintext fits");
         assert_eq!(ct.len(), MAX_CIPHERTEXT_LEN);
         assert!(matches!(
-            seal(&kek(), &id(), &vec![0u8; max + 1]),
+            seal(&kek(), &id(), &vec![0u8; max + 1], Api::V2),
             Err(EnvelopeError::PlaintextTooLarge { .. })
         ));
     }
@@ -379,7 +504,7 @@ mod properties {
         ) {
             let id = KeyId::parse(&id).expect("generated ids are valid");
             prop_assume!(plaintext.len() <= max_plaintext_len(&id));
-            let ct = seal(&kek(), &id, &plaintext).expect("seal");
+            let ct = seal(&kek(), &id, &plaintext, Api::V2).expect("seal");
             prop_assert!(ct.len() <= MAX_CIPHERTEXT_LEN);
             let env = Envelope::parse(&ct).expect("parse");
             prop_assert_eq!(env.key_id(), &id);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use zeroize::Zeroizing;
 
-use crate::crypto::envelope::{self, Envelope, EnvelopeError};
+use crate::crypto::envelope::{self, Api, Envelope, EnvelopeError};
 use crate::crypto::SecretKey;
 use crate::key_id::KeyId;
 use crate::keystore::{KeyState, Keystore};
@@ -199,22 +199,33 @@ impl Keyring {
         self.keys.keys()
     }
 
-    /// Seals `plaintext` under the primary KEK; returns the ciphertext and the primary's id.
+    /// Seals a KMS v2 seed under the primary KEK; returns the ciphertext and the primary's id.
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<(Vec<u8>, &KeyId), KeyringError> {
+        self.encrypt_for(plaintext, Api::V2)
+    }
+
+    /// Seals `plaintext` for `api` under the primary KEK.
+    pub fn encrypt_for(
+        &self,
+        plaintext: &[u8],
+        api: Api,
+    ) -> Result<(Vec<u8>, &KeyId), KeyringError> {
         let id = self.primary.as_ref().ok_or(KeyringError::NoPrimary)?;
         match self.keys.get(id) {
-            Some(Entry::Usable(key, _)) => Ok((envelope::seal(key, id, plaintext)?, id)),
+            Some(Entry::Usable(key, _)) => Ok((envelope::seal(key, id, plaintext, api)?, id)),
             _ => Err(KeyringError::NoPrimary),
         }
     }
 
-    /// Opens a ciphertext, refusing when `requested_key_id` differs from the id inside it.
+    /// Opens a KMS v2 ciphertext, refusing when `requested_key_id` differs from the id inside
+    /// it, or when it was sealed for KMS v1.
     pub fn decrypt(
         &self,
         ciphertext: &[u8],
         requested_key_id: &str,
     ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
         let env = Envelope::parse(ciphertext)?;
+        env.check_api(Api::V2)?;
         if requested_key_id.is_empty() {
             return Err(KeyringError::MissingKeyId);
         }
@@ -227,9 +238,12 @@ impl Keyring {
         self.open(&env, true)
     }
 
-    /// Opens a ciphertext whose key id needs no cross-check (KMS v1 carries none).
-    pub fn decrypt_unchecked(&self, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
-        self.open(&Envelope::parse(ciphertext)?, true)
+    /// Opens a KMS v1 ciphertext (KMS v1 carries no key id to cross-check), refusing one
+    /// sealed for KMS v2.
+    pub fn decrypt_v1(&self, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        let env = Envelope::parse(ciphertext)?;
+        env.check_api(Api::V1)?;
+        self.open(&env, true)
     }
 
     fn open(&self, env: &Envelope<'_>, count: bool) -> Result<Zeroizing<Vec<u8>>, KeyringError> {

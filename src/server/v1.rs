@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::status::{log_request, to_status};
+use crate::crypto::envelope::Api;
 use crate::keyring::SharedKeyring;
 use crate::proto::v1beta1::key_management_service_server::KeyManagementService;
 use crate::proto::v1beta1::{
@@ -67,7 +68,7 @@ impl KeyManagementService for V1Service {
         let plain = Zeroizing::new(req.plain);
         let ring = self.keyring.load();
         let (cipher, key_id) = check_version(&req.version)
-            .and_then(|()| ring.encrypt(&plain).map_err(to_status))
+            .and_then(|()| ring.encrypt_for(&plain, Api::V1).map_err(to_status))
             .inspect_err(|s| log_request("v1", "Encrypt", "", "", s.code(), start))?;
         log_request("v1", "Encrypt", "", key_id.as_str(), tonic::Code::Ok, start);
         Ok(Response::new(EncryptResponse { cipher }))
@@ -81,7 +82,7 @@ impl KeyManagementService for V1Service {
         let req = request.into_inner();
         let ring = self.keyring.load();
         let mut plain = check_version(&req.version)
-            .and_then(|()| ring.decrypt_unchecked(&req.cipher).map_err(to_status))
+            .and_then(|()| ring.decrypt_v1(&req.cipher).map_err(to_status))
             .inspect_err(|s| log_request("v1", "Decrypt", "", "", s.code(), start))?;
         log_request("v1", "Decrypt", "", "", tonic::Code::Ok, start);
         Ok(Response::new(DecryptResponse {
