@@ -929,3 +929,60 @@ fn plaintext_etcd_needs_an_explicit_flag_and_loopback() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("client.key") && err.contains("chmod"), "{err}");
 }
+
+/// Node records steer two-phase rotation and the destroy guard, so they are MACed under a
+/// key derived from the root key: a record written straight into etcd (claiming a node that
+/// has loaded everything and decrypted nothing) is ignored and reported, never counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_node_records_are_ignored_and_reported() {
+    if !etcd_available() {
+        return;
+    }
+    let (_etcd, url, node) = initialised("forge");
+    let server = node.serve(&url, "a", &[]);
+    let target = localkms::keystore::EtcdTarget::parse(&url).expect("target");
+    let etcd = localkms::keystore::backend::etcd::Etcd::connect(
+        &target,
+        &localkms::keystore::EtcdTls {
+            insecure: true,
+            ..Default::default()
+        },
+    )
+    .expect("etcd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok(&node.run(&url, &["nodes"])).contains("\na ") {
+        assert!(
+            Instant::now() < deadline,
+            "a never reported: {}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, mac) in [("evil", ",\"mac\":\"00\""), ("nomac", "")] {
+        let forged = format!(
+            "{{\"node\":\"{name}\",\"generation\":99,\"key_ids\":[],\"primary\":\"\",\"updated_unix\":0,\"usage\":{{}},\"counting_since_unix\":0{mac}}}"
+        );
+        etcd.put(
+            &format!("{}{name}", target.nodes_prefix()),
+            forged.into_bytes(),
+            0,
+        )
+        .await
+        .expect("put");
+    }
+    let out = node.run(&url, &["nodes", "--json"]);
+    let listed = ok(&out);
+    let v: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    let names: Vec<&str> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["node"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["a"], "{listed}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("MAC does not verify") && err.contains("evil") && err.contains("nomac"),
+        "{err}"
+    );
+}

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use crate::key_id::KeyId;
 use crate::keyring::usage::{UsageError, UsageFile};
 use crate::keystore::backend::etcd::nodes;
-use crate::keystore::backend::{Scrubbed, UsageOrEtcdError};
+use crate::keystore::backend::{RecordKey, Scrubbed, UsageOrEtcdError};
 use crate::keystore::{
     Actor, DestroyEvidence, DestroyGuard, HistoryEntry, KeyState, Keystore, KeystoreError,
     KeystoreLocation, RootKeyError, RootKeyProvider, RootKeySource, Store,
@@ -259,10 +259,18 @@ impl Opened {
         })
     }
 
+    /// The key that authenticates node records of this keystore (derived from its root key).
+    pub async fn record_key(&self) -> Result<RecordKey, AdminError> {
+        let ks = self.store.load(&self.root).await?;
+        let root = self.root.key_for(ks.kdf())?;
+        Ok(RecordKey::derive(&root).map_err(KeystoreError::from)?)
+    }
+
     /// Decrypt usage: the usage file beside a file keystore, or every node's report summed
     /// for an etcd keystore.
     pub async fn usage(&self) -> Result<UsageFile, AdminError> {
-        self.store.usage().await.map_err(|e| match e {
+        let key = self.record_key().await?;
+        self.store.usage(&key).await.map_err(|e| match e {
             UsageOrEtcdError::Usage(e) => AdminError::Usage(e),
             UsageOrEtcdError::Etcd(e) => AdminError::Etcd(e),
         })
@@ -344,7 +352,8 @@ pub async fn keys_rotate(
 ) -> Result<Printed, AdminError> {
     let actor = Actor::current();
     let name = o.store.location();
-    match (o.store.nodes(), stage) {
+    let records = o.record_key().await?;
+    match (o.store.nodes(&records), stage) {
         (_, true) => {
             let id = o
                 .store
@@ -572,7 +581,8 @@ pub struct NodeListing {
 
 /// `localkms nodes`.
 pub async fn nodes_list(o: &Opened, json: bool) -> Result<Printed, AdminError> {
-    let Some(cluster) = o.store.nodes() else {
+    let records = o.record_key().await?;
+    let Some(cluster) = o.store.nodes(&records) else {
         return Err(AdminError::NeedsEtcd("localkms nodes"));
     };
     let ks = o.store.load(&o.root).await?;

@@ -18,6 +18,7 @@ use tokio::net::UnixListener;
 
 use crate::keyring::usage::{self, UsageTracker};
 use crate::keyring::{Keyring, SharedKeyring};
+use crate::keystore::backend::RecordKey;
 use crate::keystore::EtcdTls;
 use crate::keystore::{
     Keystore, KeystoreError, KeystoreLocation, RootKeyProvider, RootKeySource, Store,
@@ -319,6 +320,11 @@ pub async fn serve(
     }
     let prepared = prepare(&config).await?;
     let history = prepared.keystore.history().to_vec();
+    let record_key = prepared
+        .root
+        .key_for(prepared.keystore.kdf())
+        .map_err(KeystoreError::from)
+        .and_then(|root| RecordKey::derive(&root).map_err(KeystoreError::from))?;
     let usage = starting_usage(&prepared.store.usage_path(config.cache_dir.as_deref()));
     let (ring, store, root) = prepared.keyring(usage)?;
     let generation = ring.generation();
@@ -372,7 +378,7 @@ pub async fn serve(
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = Vec::new();
-    if let Some(nodes) = store.nodes() {
+    if let Some(nodes) = store.nodes(&record_key) {
         if config.cache_dir.is_none() {
             tracing::warn!("no --cache-dir: this server cannot start while etcd is unreachable");
         }

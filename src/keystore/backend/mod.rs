@@ -22,7 +22,7 @@ use super::KeystoreError;
 use crate::keyring::usage::{UsageError, UsageFile};
 use etcd::{Etcd, EtcdError, EtcdTarget, EtcdTls};
 
-pub use etcd::nodes::Nodes;
+pub use etcd::nodes::{Nodes, RecordKey};
 
 /// How often a file keystore's metadata is checked for changes; well inside the 2 s promise.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -193,11 +193,12 @@ impl Store {
         matches!(self.kind, Kind::Etcd(_))
     }
 
-    /// The other servers sharing this keystore, when it is shared.
-    pub fn nodes(&self) -> Option<Nodes> {
+    /// The other servers sharing this keystore, when it is shared; their records are
+    /// authenticated with `key` (see [`RecordKey`]).
+    pub fn nodes(&self, key: &RecordKey) -> Option<Nodes> {
         match &self.kind {
             Kind::File(_) => None,
-            Kind::Etcd(e) => Some(Nodes::new(e.clone())),
+            Kind::Etcd(e) => Some(Nodes::new(e.clone(), key.clone())),
         }
     }
 
@@ -413,14 +414,14 @@ impl Store {
     }
 
     /// Decrypt usage as the commands see it: the usage file beside a file keystore, or every
-    /// live node's report summed for an etcd keystore.
-    pub async fn usage(&self) -> Result<UsageFile, UsageOrEtcdError> {
+    /// live node's authenticated report summed for an etcd keystore.
+    pub async fn usage(&self, key: &RecordKey) -> Result<UsageFile, UsageOrEtcdError> {
         match &self.kind {
             Kind::File(p) => Ok(crate::keyring::usage::read_usage(
                 &crate::keyring::usage::usage_path(p),
             )?),
             Kind::Etcd(e) => Ok(etcd::nodes::merged_usage(
-                &Nodes::new(e.clone()).list().await?,
+                &Nodes::new(e.clone(), key.clone()).list().await?,
             )),
         }
     }

@@ -30,6 +30,63 @@ pub struct NodeRecord {
     /// Since when this node's usage counts run, Unix seconds (absent from older servers).
     #[serde(default)]
     pub counting_since_unix: Option<i64>,
+    /// HMAC-SHA256 (hex) of the record without this field, under [`RecordKey`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Authenticates node records. They steer two-phase rotation (which node has loaded what) and
+/// the destroy guard (decrypt usage), so a record anyone with etcd write access could forge
+/// must not count: each is MACed with HMAC-SHA256 under a key derived (HKDF, its own label)
+/// from the keystore's root key, which only the nodes and operators hold.
+#[derive(Clone)]
+pub struct RecordKey(std::sync::Arc<crate::crypto::SecretKey>);
+
+impl RecordKey {
+    /// The record key for a keystore sealed under `root`.
+    pub fn derive(root: &crate::keystore::RootKey) -> Result<Self, crate::crypto::CryptoError> {
+        crate::crypto::derive_key(root.key(), b"", b"localkms/node-records/v1")
+            .map(|k| RecordKey(std::sync::Arc::new(k)))
+    }
+
+    fn key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.0.expose())
+    }
+
+    /// The bytes the MAC covers: the record without its MAC. A plain struct of strings,
+    /// numbers and a BTreeMap serializes deterministically, and cannot fail.
+    fn signed_bytes(record: &NodeRecord) -> Vec<u8> {
+        let mut unsigned = record.clone();
+        unsigned.mac = None;
+        serde_json::to_vec(&unsigned).unwrap_or_default()
+    }
+
+    /// Sets `record.mac`.
+    pub fn sign(&self, record: &mut NodeRecord) {
+        let tag = ring::hmac::sign(&self.key(), &Self::signed_bytes(record));
+        record.mac = Some(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+    }
+
+    /// Whether `record.mac` is right (ring compares in constant time).
+    pub fn verify(&self, record: &NodeRecord) -> bool {
+        let Some(mac) = record.mac.as_deref() else {
+            return false;
+        };
+        let Some(tag) = unhex(mac) else {
+            return false;
+        };
+        ring::hmac::verify(&self.key(), &Self::signed_bytes(record), &tag).is_ok()
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
 }
 
 /// The node records of one etcd keystore: what `localkms nodes`, two-phase rotation and the
@@ -37,16 +94,18 @@ pub struct NodeRecord {
 #[derive(Clone)]
 pub struct Nodes {
     etcd: Etcd,
+    key: RecordKey,
 }
 
 impl Nodes {
-    pub(crate) fn new(etcd: Etcd) -> Self {
-        Nodes { etcd }
+    pub(crate) fn new(etcd: Etcd, key: RecordKey) -> Self {
+        Nodes { etcd, key }
     }
 
-    /// Every live node's record, sorted by name.
+    /// Every live node's record whose MAC verifies, sorted by name. A record that fails is
+    /// left out and reported (logged at warn, with its etcd key).
     pub async fn list(&self) -> Result<Vec<NodeRecord>, EtcdError> {
-        list(&self.etcd).await
+        list(&self.etcd, &self.key).await
     }
 
     /// Publishes this server's state as `node` under a lease of `ttl` until `shutdown`
@@ -59,24 +118,35 @@ impl Nodes {
         metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        run_publisher(self.etcd, node, ttl, keyring, metrics, shutdown).await
+        run_publisher(self, node, ttl, keyring, metrics, shutdown).await
     }
 }
 
-/// Every live node's record, sorted by name.
-pub async fn list(etcd: &Etcd) -> Result<Vec<NodeRecord>, EtcdError> {
-    let mut nodes: Vec<NodeRecord> = etcd
-        .list(&etcd.target().nodes_prefix())
-        .await?
-        .into_iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-        .collect();
+/// Every live node's record that parses and verifies under `key`, sorted by name.
+async fn list(etcd: &Etcd, key: &RecordKey) -> Result<Vec<NodeRecord>, EtcdError> {
+    let mut nodes = Vec::new();
+    for kv in etcd.list(&etcd.target().nodes_prefix()).await? {
+        let name = String::from_utf8_lossy(&kv.key)
+            .chars()
+            .take(200)
+            .collect::<String>();
+        match serde_json::from_slice::<NodeRecord>(&kv.value) {
+            Ok(record) if key.verify(&record) => nodes.push(record),
+            Ok(_) => tracing::warn!(
+                record = %name.escape_debug(),
+                "ignoring a node record whose MAC does not verify: forged, or written under another root key (a node not restarted after root-key rotate?)"
+            ),
+            Err(e) => {
+                tracing::warn!(record = %name.escape_debug(), error = %e, "ignoring a node record that does not parse")
+            }
+        }
+    }
     nodes.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(nodes)
 }
 
 /// Publishes `record` under `lease`.
-pub async fn publish(etcd: &Etcd, record: &NodeRecord, lease: i64) -> Result<(), EtcdError> {
+async fn publish(etcd: &Etcd, record: &NodeRecord, lease: i64) -> Result<(), EtcdError> {
     let key = format!("{}{}", etcd.target().nodes_prefix(), record.node);
     // Serializing a plain struct of strings and numbers cannot fail.
     let value = serde_json::to_vec(record).unwrap_or_default();
@@ -126,8 +196,8 @@ pub fn merged_usage(nodes: &[NodeRecord]) -> UsageFile {
 /// Publishes this server's record under a lease until `shutdown`: at once when the loaded
 /// keystore changes, and every third of the lease otherwise (which also renews the lease).
 /// Also updates the cluster-convergence metrics from every node's record.
-pub async fn run_publisher(
-    etcd: Etcd,
+async fn run_publisher(
+    nodes: Nodes,
     node: String,
     ttl: std::time::Duration,
     keyring: crate::keyring::SharedKeyring,
@@ -145,11 +215,11 @@ pub async fn run_publisher(
         let generation = keyring.load().generation();
         let due = published.is_none_or(|(g, at)| g != generation || at.elapsed() >= refresh);
         if due {
-            match publish_once(&etcd, &node, ttl_s, &mut lease, &keyring).await {
+            match publish_once(&nodes, &node, ttl_s, &mut lease, &keyring).await {
                 Ok(()) => {
                     published = Some((generation, Instant::now()));
                     warned = false;
-                    if let Ok(all) = list(&etcd).await {
+                    if let Ok(all) = nodes.list().await {
                         metrics.set_cluster(all.len(), converged(&all));
                     }
                 }
@@ -171,12 +241,13 @@ pub async fn run_publisher(
 }
 
 async fn publish_once(
-    etcd: &Etcd,
+    nodes: &Nodes,
     node: &str,
     ttl_s: i64,
     lease: &mut i64,
     keyring: &crate::keyring::SharedKeyring,
 ) -> Result<(), EtcdError> {
+    let etcd = &nodes.etcd;
     if *lease != 0 && etcd.keep_alive(*lease).await? <= 0 {
         *lease = 0;
     }
@@ -200,7 +271,7 @@ async fn publish_once(
             )
         })
         .collect();
-    let record = NodeRecord {
+    let mut record = NodeRecord {
         node: node.to_owned(),
         generation: ring.generation(),
         key_ids: ring.key_info().iter().map(|k| k.id.to_string()).collect(),
@@ -208,7 +279,9 @@ async fn publish_once(
         updated_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
         usage,
         counting_since_unix: Some(ring.usage().counting_since()),
+        mac: None,
     };
+    nodes.key.sign(&mut record);
     publish(etcd, &record, *lease).await
 }
 
@@ -239,7 +312,31 @@ mod tests {
             )]
             .into(),
             counting_since_unix: Some(generation as i64 * 10),
+            mac: None,
         }
+    }
+
+    #[test]
+    fn records_verify_only_with_the_right_key_and_untouched() {
+        let key =
+            |b: u8| RecordKey::derive(&crate::keystore::RootKey::from_bytes([b; 32])).expect("key");
+        let mut r = node("a", 3, &["k1", "k2"], 5, Some(100));
+        assert!(!key(1).verify(&r), "an unsigned record does not verify");
+        key(1).sign(&mut r);
+        assert!(key(1).verify(&r));
+        assert!(
+            !key(2).verify(&r),
+            "another root key's record does not verify"
+        );
+        let mut forged = r.clone();
+        forged.usage.clear();
+        assert!(!key(1).verify(&forged), "an edited record does not verify");
+        let json = serde_json::to_vec(&r).expect("json");
+        let back: NodeRecord = serde_json::from_slice(&json).expect("parse");
+        assert!(
+            key(1).verify(&back),
+            "a record survives the round trip through etcd"
+        );
     }
 
     #[test]
