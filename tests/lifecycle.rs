@@ -146,7 +146,7 @@ async fn every_lifecycle_command_works_against_a_running_server() {
     let m = err(&ws.keys(&["destroy", &first]));
     assert!(
         m.contains("destroy refused")
-            && m.contains("7days")
+            && m.contains("7d ")
             && m.contains("--force")
             && m.contains("keys disable"),
         "{m}"

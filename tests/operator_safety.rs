@@ -64,7 +64,7 @@ async fn destroy_refuses_a_key_that_was_primary_moments_ago() {
     let m = text(&out);
     for needle in [
         "destroy refused",
-        "7days",
+        "7d ",
         "--min-retired-age",
         "kubectl replace",
         "keys disable",

@@ -290,6 +290,19 @@ pub enum LifecycleError {
     },
 }
 
+/// A whole-unit duration as the flag takes it (`7d`, `36h`, `90m`, `45s`), for messages that
+/// name the window next to `--min-retired-age`.
+fn flag_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// What `keys destroy` weighs before wiping a KEK. Evidence of disuse must be positive:
 /// a key with no recorded decrypts may still protect data (KMS v2 caches DEKs), so the guard
 /// asks for time out of service and for a usage count that covered all that time.
@@ -563,7 +576,7 @@ impl Keystore {
     ) -> Result<(), LifecycleError> {
         let rec = &self.records[idx];
         let window_s = i64::try_from(evidence.min_retired_age.as_secs()).unwrap_or(i64::MAX);
-        let window = humantime::format_duration(evidence.min_retired_age).to_string();
+        let window = flag_duration(evidence.min_retired_age);
         if rec.state == KeyState::Staged
             || (rec.state == KeyState::Disabled && rec.disabled_from == Some(KeyState::Staged))
         {
@@ -886,7 +899,8 @@ pub(crate) mod tests {
             "{err}"
         );
         assert!(
-            err.to_string().contains("keys disable") && err.to_string().contains("7days"),
+            err.to_string().contains("keys disable")
+                && err.to_string().contains("less than 7d ago"),
             "{err}"
         );
         // Eight days later: still refused when usage was not counted over the window...
