@@ -18,10 +18,17 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn endpoints_and_exact_metric_counts() {
+    // The whole serve, in-process: keystore file, reloader and metrics endpoints.
     let ws = Workspace::new();
     let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let server = ws.serve_with(&["--metrics-addr", &addr]);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let server = support::Serving::start(
+        ws.socket.clone(),
+        ws.keystore.clone(),
+        ws.root_key.clone(),
+        |c| c.metrics_addr = Some(addr),
+    )
+    .await;
     let ep = server.endpoint();
 
     assert_eq!(get(port, "/healthz"), (200, "ok\n".to_owned()));
@@ -72,7 +79,7 @@ async fn endpoints_and_exact_metric_counts() {
 
     let (code, text) = get(port, "/metrics");
     assert_eq!(code, 200);
-    // The readiness probe above made no gRPC calls; Server::spawn's own readiness Status call
+    // The readiness probe above made no gRPC calls; Serving::start's own readiness Status call
     // made exactly one.
     let expect = [
         (
@@ -142,6 +149,7 @@ async fn endpoints_and_exact_metric_counts() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    server.stop().await.expect("a clean stop, as on SIGTERM");
 }
 
 #[test]

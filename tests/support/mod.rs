@@ -99,6 +99,99 @@ impl InProcess {
     }
 }
 
+/// The whole `serve` (keystore file, reloader, metrics endpoints, node publisher) running
+/// inside the test process, stopped through a oneshot like SIGTERM stops the binary.
+pub struct Serving {
+    /// The socket path.
+    pub socket: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
+}
+
+impl Serving {
+    /// Serves `keystore` with `root_key_file` on `socket`, with `configure` applied to the
+    /// configuration (metrics address, limits…), and waits until Status answers.
+    pub async fn start(
+        socket: PathBuf,
+        keystore: PathBuf,
+        root_key_file: PathBuf,
+        configure: impl FnOnce(&mut server::ServeConfig),
+    ) -> Self {
+        let mut config = server::ServeConfig {
+            socket: server::socket::Endpoint::Path(socket.clone()),
+            socket_mode: 0o600,
+            socket_group: None,
+            allow_world: false,
+            keystore: localkms::keystore::KeystoreLocation::file(keystore),
+            etcd_tls: Default::default(),
+            cache_dir: None,
+            node_name: "test".into(),
+            node_ttl: Duration::from_secs(10),
+            root: localkms::keystore::RootKeySource::KeyFile(root_key_file),
+            status_version: StatusVersion::V2,
+            rotate_after: None,
+            limits: Limits::default(),
+            metrics_addr: None,
+            metrics_allow_non_loopback: false,
+            insecure_skip_file_checks: false,
+        };
+        configure(&mut config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(config, async move {
+            let _ = stopped.await;
+        }));
+        let endpoint = format!("unix://{}", socket.display());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(ch) = localkms::client::connect(&endpoint).await {
+                let mut c = KeyManagementServiceClient::new(ch);
+                if c.status(localkms::proto::v2::StatusRequest {})
+                    .await
+                    .is_ok_and(|r| r.get_ref().healthz == "ok")
+                {
+                    break;
+                }
+            }
+            assert!(!task.is_finished(), "serve stopped early");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "serve never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Serving {
+            socket,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The endpoint as a client dials it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Stops it as SIGTERM would and reports how it ended.
+    pub async fn stop(mut self) -> Result<(), server::ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("serve stopped within 30 s")
+            .expect("serve task")
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 impl Drop for InProcess {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
