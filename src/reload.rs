@@ -62,6 +62,8 @@ pub(crate) struct Reloader {
     rotate_after: Option<Duration>,
     /// Apply the start-up ownership and mode checks to every reloaded keystore file.
     check_files: bool,
+    /// Raised to every keystore swapped in.
+    high_water: Option<crate::keystore::backend::high_water::HighWater>,
 }
 
 impl Reloader {
@@ -86,7 +88,17 @@ impl Reloader {
             history: std::sync::Mutex::new(history),
             rotate_after: None,
             check_files: true,
+            high_water: None,
         }
+    }
+
+    /// Raise this node's high-water mark to every keystore swapped in.
+    pub(crate) fn with_high_water(
+        mut self,
+        mark: Option<crate::keystore::backend::high_water::HighWater>,
+    ) -> Self {
+        self.high_water = mark;
+        self
     }
 
     /// Whether each reloaded keystore file must pass the ownership and mode checks start-up
@@ -146,6 +158,7 @@ impl Reloader {
             ));
         }
         let history = ks.history().to_vec();
+        let (generation, write_id) = (ks.generation(), ks.write_id());
         let next = Keyring::from_keystore(ks, Arc::clone(&self.usage));
         let dropped: Vec<String> = current
             .key_ids()
@@ -164,6 +177,11 @@ impl Reloader {
             );
         }
         self.keyring.store(next);
+        if let Some(mark) = &self.high_water {
+            if let Err(e) = blocking(|| mark.record(generation, write_id, false)) {
+                tracing::warn!(error = %e, "could not raise the high-water mark");
+            }
+        }
         self.log_new_history(history);
         self.store.keep_cache(cached, self.cache_dir.as_deref());
         ReloadOutcome::Swapped { from, to }

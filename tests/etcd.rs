@@ -986,3 +986,67 @@ async fn forged_node_records_are_ignored_and_reported() {
         "{err}"
     );
 }
+
+/// Putting an old revision of the keystore back into etcd does not roll a node back: the next
+/// start is refused (the node's high-water mark lives in its --cache-dir), and the cache is
+/// not overwritten with the older copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_etcd_revision_is_refused_at_restart() {
+    if !etcd_available() {
+        return;
+    }
+    let (_etcd, url, node) = initialised("rollback");
+    let target = localkms::keystore::EtcdTarget::parse(&url).expect("target");
+    let etcd = localkms::keystore::backend::etcd::Etcd::connect(
+        &target,
+        &localkms::keystore::EtcdTls {
+            insecure: true,
+            ..Default::default()
+        },
+    )
+    .expect("etcd");
+    let old = etcd
+        .get(&target.keystore_key())
+        .await
+        .expect("get")
+        .expect("keystore")
+        .value;
+    let mut server = node.serve(&url, "a", &[]);
+    let new = ok(&node.run(&url, &["keys", "rotate", "--timeout", "30s"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_key_id(&server.endpoint()).await != new {
+        assert!(Instant::now() < deadline, "rotation not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.stop("TERM").code(), Some(0));
+
+    etcd.put(&target.keystore_key(), old, 0)
+        .await
+        .expect("put back");
+    let socket = node.dir.path().join("a.sock");
+    let mut attempt = Command::new(bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(node.args(&url))
+        .arg("--etcd-insecure")
+        .arg("--cache-dir")
+        .arg(node.dir.path().join("cache-a"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let status = common::wait_with_timeout(&mut attempt, Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut attempt.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(!status.success(), "an old etcd revision was served");
+    assert!(
+        err.contains("high-water") && err.contains("--allow-rollback"),
+        "{err}"
+    );
+    assert!(
+        err.contains("keeping the cache"),
+        "the cache must not be overwritten by the older copy: {err}"
+    );
+}

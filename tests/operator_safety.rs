@@ -361,3 +361,55 @@ fn destroy_leaves_no_copy_of_the_key_beside_the_keystore() {
     // The keystore and the two backups that could be kept (the first had it as primary).
     assert_eq!(opened, 3);
 }
+
+/// A node never goes back: after serving generation 2, a restored `.bak.1` is refused at the
+/// next start with both generations and the override named; `--allow-rollback` then starts
+/// (logged) and resets the mark.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_backup_is_refused_at_restart() {
+    let ws = Workspace::new();
+    let mut server = ws.serve();
+    let first = common::status_key_id(&server.endpoint()).await;
+    let out = ws.keys(&["rotate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    server.wait_log("to=2");
+    assert_eq!(server.stop("TERM").code(), Some(0));
+
+    let mut backup = ws.keystore.as_os_str().to_owned();
+    backup.push(".bak.1");
+    std::fs::copy(std::path::PathBuf::from(backup), &ws.keystore).expect("restore the backup");
+    let mut attempt = Command::new(bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let status = common::wait_with_timeout(&mut attempt, Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut attempt.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(!status.success(), "a rolled-back keystore was served");
+    assert!(
+        err.contains("generation 1")
+            && err.contains("generation 2")
+            && err.contains("--allow-rollback"),
+        "{err}"
+    );
+
+    let mut server = ws.serve_with(&["--allow-rollback"]);
+    assert!(
+        server
+            .log_text()
+            .contains("--allow-rollback: serving an OLDER keystore"),
+        "{}",
+        server.log_text()
+    );
+    assert_eq!(common::status_key_id(&server.endpoint()).await, first);
+    assert_eq!(server.stop("TERM").code(), Some(0));
+    // The mark was reset: a plain start works again.
+    let server = ws.serve();
+    assert_eq!(common::status_key_id(&server.endpoint()).await, first);
+}

@@ -347,6 +347,10 @@ pub struct ServeArgs {
     /// refused without --allow-uid/--allow-gid, unless --allow-world.
     #[arg(long, env = "LOCALKMS_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Start even if the keystore is older than the newest one this node has served (its
+    /// high-water mark): disaster recovery only; logged, and the mark is reset.
+    #[arg(long, env = "LOCALKMS_ALLOW_ROLLBACK", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_rollback: bool,
     /// Allow a socket every local user can connect to (world-writable --socket-mode, or an
     /// abstract socket) with no --allow-uid/--allow-gid list.
     #[arg(long, env = "LOCALKMS_ALLOW_WORLD", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]

@@ -252,6 +252,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         socket_mode: args.socket_mode,
         socket_group,
         allow_world: args.allow_world,
+        allow_rollback: args.allow_rollback,
         keystore,
         etcd_tls: args.etcd.tls(),
         cache_dir: args.cache_dir.clone(),

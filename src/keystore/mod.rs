@@ -82,6 +82,20 @@ pub enum KeystoreError {
     /// etcd could not be reached or refused the request.
     #[error(transparent)]
     Etcd(#[from] backend::etcd::EtcdError),
+    /// Older than (or diverged from) the newest keystore this node has served.
+    #[error("keystore {location} is at generation {found}{what}, but this node has already served generation {seen} (high-water mark in {state}): a restored backup or an old etcd revision could bring back keys that were destroyed, disabled or replaced. If this is deliberate disaster recovery, start once with --allow-rollback (it is logged), which also resets the mark", what = if *diverged { " with different contents" } else { "" }, state = state.display())]
+    RolledBack {
+        /// The keystore.
+        location: KeystoreLocation,
+        /// The generation found.
+        found: u64,
+        /// The newest generation served.
+        seen: u64,
+        /// The state file.
+        state: PathBuf,
+        /// Same generation, different write.
+        diverged: bool,
+    },
     /// Concurrent writers kept winning the compare-and-swap.
     #[error(
         "keystore {0} kept changing under us ({1} attempts); another writer is busy: try again"

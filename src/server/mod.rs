@@ -172,6 +172,8 @@ pub struct ServeConfig {
     pub socket_group: Option<u32>,
     /// Allow a socket any local user can connect to, with no allow list.
     pub allow_world: bool,
+    /// Start on a keystore older than this node's high-water mark (disaster recovery; logged).
+    pub allow_rollback: bool,
     /// Keystore: a file, or a key in etcd.
     pub keystore: KeystoreLocation,
     /// TLS for an etcd keystore.
@@ -256,6 +258,18 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServerError> {
     let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
     let cache_dir = config.cache_dir.as_deref().filter(|d| d.is_dir());
     let keystore = store.initial(&root, cache_dir).await?;
+    match store.high_water(config.cache_dir.as_deref()) {
+        Some(mark) => match mark.check(&keystore, store.location()) {
+            Ok(()) => {}
+            Err(e @ KeystoreError::RolledBack { .. }) if config.allow_rollback => {
+                tracing::warn!(error = %e, "--allow-rollback: serving an OLDER keystore than this node has served before; the high-water mark is reset to it");
+            }
+            Err(e) => return Err(e.into()),
+        },
+        None => tracing::warn!(
+            "no --cache-dir: no high-water mark is kept, so a rolled-back etcd keystore would be accepted at start"
+        ),
+    }
     Ok(Prepared {
         store,
         root,
@@ -319,6 +333,14 @@ pub async fn serve(
         })?;
     }
     let prepared = prepare(&config).await?;
+    let high_water = prepared.store.high_water(config.cache_dir.as_deref());
+    if let Some(mark) = &high_water {
+        mark.record(
+            prepared.keystore.generation(),
+            prepared.keystore.write_id(),
+            config.allow_rollback,
+        )?;
+    }
     let history = prepared.keystore.history().to_vec();
     let record_key = prepared
         .root
@@ -468,7 +490,8 @@ async fn supervise_reloader(spec: ReloaderSpec, stop: tokio::sync::watch::Receiv
         .with_cache_dir(spec.cache_dir.clone())
         .with_rotate_after(spec.rotate_after)
         .with_file_checks(spec.check_files)
-        .with_counters(Arc::clone(&spec.counters));
+        .with_counters(Arc::clone(&spec.counters))
+        .with_high_water(spec.store.high_water(spec.cache_dir.as_deref()));
         let mut task_stop = stop.clone();
         let task = tokio::spawn(reloader.watch(async move {
             let _ = task_stop.wait_for(|stop| *stop).await;

@@ -122,6 +122,7 @@ impl Serving {
             socket_mode: 0o600,
             socket_group: None,
             allow_world: false,
+            allow_rollback: false,
             keystore: localkms::keystore::KeystoreLocation::file(keystore),
             etcd_tls: Default::default(),
             cache_dir: None,

@@ -10,6 +10,7 @@
 
 pub mod etcd;
 pub mod file;
+pub mod high_water;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -423,6 +424,22 @@ impl Store {
             Kind::Etcd(e) => Ok(etcd::nodes::merged_usage(
                 &Nodes::new(e.clone(), key.clone()).list().await?,
             )),
+        }
+    }
+
+    /// Where this node keeps its high-water mark for the keystore: beside a file keystore,
+    /// in `cache_dir` for etcd (none without one).
+    pub fn high_water(&self, cache_dir: Option<&Path>) -> Option<high_water::HighWater> {
+        match (&self.kind, cache_dir) {
+            (Kind::File(p), _) => {
+                let mut name = p.as_os_str().to_owned();
+                name.push(".high-water.json");
+                Some(high_water::HighWater::at(PathBuf::from(name)))
+            }
+            (Kind::Etcd(_), Some(dir)) => {
+                Some(high_water::HighWater::at(dir.join(high_water::STATE_FILE)))
+            }
+            (Kind::Etcd(_), None) => None,
         }
     }
 

@@ -152,7 +152,19 @@ pub(super) async fn initial(
         Ok(bytes) => {
             let ks = super::blocking(|| file::decode_with(location, &bytes, root))?;
             if let Some(dir) = cache_dir {
-                update_cache(dir, &bytes);
+                // Never replace the cache with an older keystore than it holds (a rolled-back
+                // etcd revision): the high-water check decides what to do about etcd's copy.
+                let cached = cache
+                    .as_ref()
+                    .and_then(|c| super::blocking(|| file::load(c, root)).ok());
+                match cached {
+                    Some(c) if c.generation() > ks.generation() => tracing::warn!(
+                        cache_generation = c.generation(),
+                        etcd_generation = ks.generation(),
+                        "etcd holds an older keystore than the local cache; keeping the cache"
+                    ),
+                    _ => update_cache(dir, &bytes),
+                }
             }
             Ok(ks)
         }

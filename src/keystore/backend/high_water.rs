@@ -1,0 +1,114 @@
+//! The high-water mark: the newest keystore this node has served, kept in a small 0600 state
+//! file (beside a file keystore, or in an etcd keystore's `--cache-dir`). A server refuses to
+//! start on anything older, so a restored backup or an old etcd revision cannot bring back a
+//! KEK that was destroyed, disabled or replaced; `--allow-rollback` is the explicit, logged
+//! way back for disaster recovery.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::file;
+use super::KeystoreLocation;
+use crate::keystore::model::Keystore;
+use crate::keystore::KeystoreError;
+
+/// Name of the state file in an etcd keystore's cache directory.
+pub const STATE_FILE: &str = "high-water.json";
+
+/// What the state file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Mark {
+    /// The newest generation served.
+    generation: u64,
+    /// The write id (hex) of that generation, to tell a diverged copy at the same generation.
+    write_id: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A node's high-water mark for one keystore.
+pub struct HighWater {
+    path: PathBuf,
+}
+
+impl HighWater {
+    /// The mark kept at `path`.
+    pub(crate) fn at(path: PathBuf) -> Self {
+        HighWater { path }
+    }
+
+    /// The state file, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read(&self) -> Result<Option<Mark>, KeystoreError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| KeystoreError::Io {
+                    path: self.path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("not a high-water state file ({e}); move it aside only if you know why it is wrong"),
+                    ),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(KeystoreError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Refuses `ks` (read from `location`) when it is older than the newest keystore this node
+    /// has served, or a different write at the same generation.
+    pub fn check(&self, ks: &Keystore, location: &KeystoreLocation) -> Result<(), KeystoreError> {
+        let Some(mark) = self.read()? else {
+            return Ok(());
+        };
+        let older = ks.generation() < mark.generation;
+        let diverged = ks.generation() == mark.generation && hex(&ks.write_id()) != mark.write_id;
+        if older || diverged {
+            return Err(KeystoreError::RolledBack {
+                location: location.clone(),
+                found: ks.generation(),
+                seen: mark.generation,
+                state: self.path.clone(),
+                diverged,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records the keystore at `generation` with `write_id` as served (atomic, 0600); never
+    /// lowers the mark unless `force` (after an explicit `--allow-rollback`).
+    pub fn record(
+        &self,
+        generation: u64,
+        write_id: [u8; 12],
+        force: bool,
+    ) -> Result<(), KeystoreError> {
+        if !force {
+            if let Some(mark) = self.read()? {
+                if mark.generation > generation {
+                    return Ok(());
+                }
+            }
+        }
+        let mark = Mark {
+            generation,
+            write_id: hex(&write_id),
+        };
+        let bytes = serde_json::to_vec_pretty(&mark).unwrap_or_default();
+        file::write_atomically(&self.path, ".localkms-high-water-", &bytes, true, || {}).map_err(
+            |source| KeystoreError::Io {
+                path: self.path.clone(),
+                source,
+            },
+        )
+    }
+}
