@@ -157,8 +157,14 @@ impl Reloader {
                 "keystore generation {to} has different contents from the loaded generation {from}: the copies diverged (a change made on two nodes separately?). Make every change on one node and distribute that file; send SIGHUP to load this one anyway"
             ));
         }
+        if let Some(mark) = &self.high_water {
+            if let Err(e) = blocking(|| mark.check_identity(&ks, self.store.location())) {
+                return ReloadOutcome::Refused(e.to_string());
+            }
+        }
         let history = ks.history().to_vec();
-        let (generation, write_id) = (ks.generation(), ks.write_id());
+        let (generation, write_id, keystore_id) =
+            (ks.generation(), ks.write_id(), ks.keystore_id());
         let next = Keyring::from_keystore(ks, Arc::clone(&self.usage));
         let dropped: Vec<String> = current
             .key_ids()
@@ -178,7 +184,7 @@ impl Reloader {
         }
         self.keyring.store(next);
         if let Some(mark) = &self.high_water {
-            if let Err(e) = blocking(|| mark.record(generation, write_id, false)) {
+            if let Err(e) = blocking(|| mark.record(generation, write_id, keystore_id, false)) {
                 tracing::warn!(error = %e, "could not raise the high-water mark");
             }
         }

@@ -413,3 +413,53 @@ async fn a_restored_backup_is_refused_at_restart() {
     let server = ws.serve();
     assert_eq!(common::status_key_id(&server.endpoint()).await, first);
 }
+
+/// A keystore from another `init` (another cluster), sealed under the same root key and even
+/// at a higher generation, is not the keystore this node served: refused at start and on
+/// reload; `--allow-rollback` accepts it deliberately.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keystore_from_another_init_is_refused() {
+    let ws = Workspace::new();
+    let mut server = ws.serve();
+    let ours = common::status_key_id(&server.endpoint()).await;
+    // Another keystore under the same root key, pushed to a higher generation.
+    let other = ws.dir.path().join("other.lkms");
+    let rk = ws.root_key.to_str().expect("utf8");
+    let o = other.to_str().expect("utf8");
+    for args in [
+        vec!["init", "--keystore", o, "--root-key-file", rk],
+        vec!["keys", "rotate", "--keystore", o, "--root-key-file", rk],
+        vec!["keys", "rotate", "--keystore", o, "--root-key-file", rk],
+    ] {
+        let out = localkms(&args);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // Swapped in while serving: the reload is refused.
+    std::fs::copy(&other, &ws.keystore).expect("swap");
+    server.wait_log("another keystore");
+    assert_eq!(common::status_key_id(&server.endpoint()).await, ours);
+    assert_eq!(server.stop("TERM").code(), Some(0));
+    // And at the next start.
+    let mut attempt = Command::new(bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let status = common::wait_with_timeout(&mut attempt, Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut attempt.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(!status.success(), "another keystore was served");
+    assert!(
+        err.contains("another keystore")
+            && err.contains("keystore id")
+            && err.contains("--allow-rollback"),
+        "{err}"
+    );
+    let server = ws.serve_with(&["--allow-rollback"]);
+    assert_ne!(common::status_key_id(&server.endpoint()).await, ours);
+}

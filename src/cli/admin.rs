@@ -127,8 +127,12 @@ pub fn history_table(entries: &[HistoryListing]) -> String {
 /// What `keystore verify` prints: proof that the file opens under the root key.
 pub fn verify_report(location: &KeystoreLocation, ks: &Keystore) -> String {
     let mut out = format!(
-        "ok: {location} opens with this root key\ngeneration: {}\n",
-        ks.generation()
+        "ok: {location} opens with this root key\ngeneration: {}\nkeystore id: {}\n",
+        ks.generation(),
+        ks.keystore_id().map_or_else(
+            || "none yet (written by an older build; set at its next change)".to_owned(),
+            |id| id.iter().map(|b| format!("{b:02x}")).collect()
+        )
     );
     for r in ks.records() {
         let _ = writeln!(out, "key: {} {}", r.id, r.state);

@@ -3,14 +3,16 @@
 //! ```text
 //! offset  size  field
 //! 0       8     magic "LOCALKMS"
-//! 8       2     format version, big-endian (1)
+//! 8       2     format version, big-endian (2; 1 lacks the keystore id below and is still
+//!               read)
 //! 10      1     KDF id: 0 = root key file (the key is used directly, via HKDF),
 //!                1 = Argon2id over a passphrase
 //! 11      2     KDF parameter length P, big-endian (0 for KDF 0, 28 for KDF 1)
 //! 13      P     KDF parameters: Argon2id memory KiB, passes, lanes (u32 each), 16-byte salt
 //! 13+P    8     generation, big-endian
-//! 21+P    12    nonce, random per write
-//! 33+P    n+16  AES-256-GCM sealed body and tag
+//! 21+P    16    keystore id, random, made by `init` (version 2 only)
+//! 37+P    12    nonce, random per write
+//! 49+P    n+16  AES-256-GCM sealed body and tag
 //! ```
 //! The sealing key is HKDF-SHA256(root key, salt = nonce, "localkms/keystore/v1"); the AAD is
 //! every byte before the body, so the generation cannot be rolled back by editing the header.
@@ -35,8 +37,9 @@ use crate::key_id::KeyId;
 
 /// First eight bytes of every keystore file.
 pub const MAGIC: &[u8; 8] = b"LOCALKMS";
-/// The keystore format this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The keystore format this build writes (it also reads version 1, which has no keystore id).
+pub const FORMAT_VERSION: u16 = 2;
+const KEYSTORE_ID_LEN: usize = 16;
 const KDF_ROOT_KEY_FILE: u8 = 0;
 const KDF_ARGON2ID: u8 = 1;
 const ARGON2_PARAMS_LEN: u16 = 28;
@@ -68,6 +71,8 @@ pub enum FormatError {
 pub struct Header {
     /// Write generation.
     pub generation: u64,
+    /// The keystore id (version 2).
+    pub keystore_id: Option<[u8; KEYSTORE_ID_LEN]>,
     /// How the root key is derived.
     pub kdf: Kdf,
     nonce: [u8; NONCE_LEN],
@@ -89,7 +94,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
     }
     let mut r = Reader::new(&bytes[MAGIC.len()..]);
     let version = r.u16().ok_or_else(|| corrupted("truncated header"))?;
-    if version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&version) {
         return Err(FormatError::UnsupportedVersion(version));
     }
     let kdf_id = r.u8().ok_or_else(|| corrupted("truncated header"))?;
@@ -116,6 +121,15 @@ fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
         }
     };
     let generation = r.u64().ok_or_else(|| corrupted("truncated header"))?;
+    let keystore_id = if version >= 2 {
+        Some(
+            r.take(KEYSTORE_ID_LEN)
+                .and_then(|n| n.try_into().ok())
+                .ok_or_else(|| corrupted("truncated header"))?,
+        )
+    } else {
+        None
+    };
     let nonce: [u8; NONCE_LEN] = r
         .take(NONCE_LEN)
         .and_then(|n| n.try_into().ok())
@@ -126,6 +140,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
     }
     Ok(Header {
         generation,
+        keystore_id,
         kdf,
         nonce,
         len,
@@ -147,6 +162,7 @@ pub fn decode(bytes: &[u8], root: &RootKey) -> Result<Keystore, FormatError> {
     Ok(Keystore {
         generation: header.generation,
         write_id: header.nonce,
+        keystore_id: header.keystore_id,
         kdf: header.kdf,
         records,
         history,
@@ -161,7 +177,16 @@ pub fn encode(ks: &Keystore, root: &RootKey) -> Result<Vec<u8>, FormatError> {
         Kdf::KeyFile => 0,
         Kdf::Argon2id { .. } => usize::from(ARGON2_PARAMS_LEN),
     };
-    let header_len = MAGIC.len() + 2 + 1 + 2 + kdf_params_len + 8 + NONCE_LEN;
+    let header_len = MAGIC.len() + 2 + 1 + 2 + kdf_params_len + 8 + KEYSTORE_ID_LEN + NONCE_LEN;
+    // A keystore read from a version-1 file gets its id at this, its first version-2 write.
+    let keystore_id = match ks.keystore_id {
+        Some(id) => id,
+        None => {
+            let mut id = [0u8; KEYSTORE_ID_LEN];
+            fill_random(&mut id).map_err(|_| FormatError::Random)?;
+            id
+        }
+    };
     let records_len: usize = ks
         .records
         .iter()
@@ -202,6 +227,7 @@ pub fn encode(ks: &Keystore, root: &RootKey) -> Result<Vec<u8>, FormatError> {
         }
     }
     out.extend_from_slice(&ks.generation.to_be_bytes());
+    out.extend_from_slice(&keystore_id);
     out.extend_from_slice(&nonce);
     debug_assert_eq!(out.len(), header_len);
     let count = u32::try_from(ks.records.len()).map_err(|_| corrupted("too many keys"))?;
@@ -464,6 +490,58 @@ mod tests {
             .expect("disable");
         ks.generation = 7;
         ks
+    }
+
+    /// Re-seals a version-2 file as version 1 (no keystore id), as builds before ids wrote.
+    fn as_version_1(bytes: &[u8], root: &RootKey) -> Vec<u8> {
+        let h = peek(bytes).expect("header");
+        let (aad, sealed) = bytes.split_at(h.len);
+        let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let key = body_key(root, &h.nonce).expect("key");
+        let mut plain = body.to_vec();
+        open_in_place(
+            &key,
+            &h.nonce,
+            aad,
+            &mut plain,
+            tag.try_into().expect("tag"),
+        )
+        .expect("open");
+        let id_at = h.len - NONCE_LEN - KEYSTORE_ID_LEN;
+        let mut v1 = aad[..id_at].to_vec();
+        v1[8..10].copy_from_slice(&1u16.to_be_bytes());
+        v1.extend_from_slice(&h.nonce);
+        let tag = seal_in_place(&key, &h.nonce, &v1.clone(), &mut plain).expect("seal");
+        v1.extend_from_slice(&plain);
+        v1.extend_from_slice(&tag);
+        v1
+    }
+
+    #[test]
+    fn keystore_ids_are_authenticated_and_version_1_still_opens() {
+        let ks = crate::keystore::model::tests::fresh();
+        let id = ks.keystore_id().expect("init makes an id");
+        let bytes = encode(&ks, &root(1)).expect("encode");
+        assert_eq!(peek(&bytes).expect("peek").keystore_id, Some(id));
+        assert_eq!(
+            decode(&bytes, &root(1)).expect("decode").keystore_id(),
+            Some(id)
+        );
+        // The id is in the AAD: changing it fails authentication.
+        let at = peek(&bytes).expect("peek").len - NONCE_LEN - KEYSTORE_ID_LEN;
+        let mut swapped = bytes.clone();
+        swapped[at] ^= 1;
+        assert!(matches!(
+            decode(&swapped, &root(1)),
+            Err(FormatError::WrongRootKey)
+        ));
+        // A version-1 file opens without an id, and gets a fresh one when written again.
+        let v1 = as_version_1(&bytes, &root(1));
+        let old = decode(&v1, &root(1)).expect("version 1 opens");
+        assert_eq!(old.keystore_id(), None);
+        assert_eq!(old.generation(), ks.generation());
+        let rewritten = decode(&encode(&old, &root(1)).expect("encode"), &root(1)).expect("decode");
+        assert!(rewritten.keystore_id().is_some());
     }
 
     #[test]

@@ -96,6 +96,18 @@ pub enum KeystoreError {
         /// Same generation, different write.
         diverged: bool,
     },
+    /// Another keystore than the one this node has served.
+    #[error("keystore {location} is another keystore (keystore id {found}) than the one this node has served (keystore id {seen}, recorded in {state}): a keystore from another cluster or another `init`, even one sealed under the same root key, is refused. If you are replacing the keystore deliberately, start once with --allow-rollback (it is logged), which also resets the mark", state = state.display())]
+    OtherKeystore {
+        /// The keystore.
+        location: KeystoreLocation,
+        /// Its id.
+        found: Box<str>,
+        /// The id served before.
+        seen: Box<str>,
+        /// The state file.
+        state: Box<std::path::Path>,
+    },
     /// Concurrent writers kept winning the compare-and-swap.
     #[error(
         "keystore {0} kept changing under us ({1} attempts); another writer is busy: try again"

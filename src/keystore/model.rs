@@ -334,6 +334,11 @@ pub struct Keystore {
     /// The random nonce of the write this keystore was read from (zeros before its first
     /// write): two copies with one generation but different write ids have diverged.
     pub(crate) write_id: [u8; 12],
+    /// Random, made by `init` and kept for the keystore's life; bound into the authenticated
+    /// header, so a node can tell another keystore (another `init`, another cluster) sealed
+    /// under the same root key. `None` only for a file written before ids existed, until its
+    /// next write.
+    pub(crate) keystore_id: Option<[u8; 16]>,
     pub(crate) kdf: Kdf,
     pub(crate) records: Vec<KekRecord>,
     pub(crate) history: Vec<HistoryEntry>,
@@ -350,9 +355,12 @@ impl Keystore {
         kdf: Kdf,
         actor: &Actor,
     ) -> Result<Self, LifecycleError> {
+        let mut keystore_id = [0u8; 16];
+        crate::crypto::fill_random(&mut keystore_id)?;
         let mut ks = Keystore {
             generation: 1,
             write_id: [0; 12],
+            keystore_id: Some(keystore_id),
             kdf,
             records: Vec::new(),
             history: Vec::new(),
@@ -370,6 +378,11 @@ impl Keystore {
     /// Identifies the exact write this keystore was read from (see the field's docs).
     pub fn write_id(&self) -> [u8; 12] {
         self.write_id
+    }
+
+    /// The keystore's identity (see the field), if it has one yet.
+    pub fn keystore_id(&self) -> Option<[u8; 16]> {
+        self.keystore_id
     }
 
     /// How the root key is derived for this keystore.
@@ -762,6 +775,7 @@ pub(crate) mod tests {
         Keystore {
             generation: ks.generation,
             write_id: ks.write_id,
+            keystore_id: ks.keystore_id,
             kdf: ks.kdf.clone(),
             records: ks
                 .records

@@ -261,7 +261,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServerError> {
     match store.high_water(config.cache_dir.as_deref()) {
         Some(mark) => match mark.check(&keystore, store.location()) {
             Ok(()) => {}
-            Err(e @ KeystoreError::RolledBack { .. }) if config.allow_rollback => {
+            Err(e @ (KeystoreError::RolledBack { .. } | KeystoreError::OtherKeystore { .. }))
+                if config.allow_rollback =>
+            {
                 tracing::warn!(error = %e, "--allow-rollback: serving an OLDER keystore than this node has served before; the high-water mark is reset to it");
             }
             Err(e) => return Err(e.into()),
@@ -338,6 +340,7 @@ pub async fn serve(
         mark.record(
             prepared.keystore.generation(),
             prepared.keystore.write_id(),
+            prepared.keystore.keystore_id(),
             config.allow_rollback,
         )?;
     }

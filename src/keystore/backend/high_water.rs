@@ -23,6 +23,9 @@ struct Mark {
     generation: u64,
     /// The write id (hex) of that generation, to tell a diverged copy at the same generation.
     write_id: String,
+    /// The keystore id (hex): another keystore, even a newer one, is not this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keystore_id: Option<String>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -64,9 +67,36 @@ impl HighWater {
         }
     }
 
-    /// Refuses `ks` (read from `location`) when it is older than the newest keystore this node
-    /// has served, or a different write at the same generation.
+    /// Refuses `ks` (read from `location`) when it is another keystore than the one this node
+    /// has served (a different keystore id).
+    pub fn check_identity(
+        &self,
+        ks: &Keystore,
+        location: &KeystoreLocation,
+    ) -> Result<(), KeystoreError> {
+        let Some(mark) = self.read()? else {
+            return Ok(());
+        };
+        match (&mark.keystore_id, ks.keystore_id()) {
+            (Some(seen), found) if found.map(|f| hex(&f)).as_deref() != Some(seen.as_str()) => {
+                Err(KeystoreError::OtherKeystore {
+                    location: location.clone(),
+                    found: found
+                        .map_or_else(|| "none (an old file)".to_owned(), |f| hex(&f))
+                        .into(),
+                    seen: seen.as_str().into(),
+                    state: self.path.clone().into(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses `ks` (read from `location`) when it is another keystore than the one this node
+    /// has served, older than the newest it has served, or a different write at the same
+    /// generation.
     pub fn check(&self, ks: &Keystore, location: &KeystoreLocation) -> Result<(), KeystoreError> {
+        self.check_identity(ks, location)?;
         let Some(mark) = self.read()? else {
             return Ok(());
         };
@@ -90,6 +120,7 @@ impl HighWater {
         &self,
         generation: u64,
         write_id: [u8; 12],
+        keystore_id: Option<[u8; 16]>,
         force: bool,
     ) -> Result<(), KeystoreError> {
         if !force {
@@ -102,6 +133,7 @@ impl HighWater {
         let mark = Mark {
             generation,
             write_id: hex(&write_id),
+            keystore_id: keystore_id.map(|id| hex(&id)),
         };
         let bytes = serde_json::to_vec_pretty(&mark).unwrap_or_default();
         file::write_atomically(&self.path, ".localkms-high-water-", &bytes, true, || {}).map_err(
