@@ -42,9 +42,80 @@ pub mod proto {
     pub mod v1beta1 {
         tonic::include_proto!("v1beta1");
     }
+    /// Debug for the messages that carry plaintext: the sizes, never the bytes.
+    mod redacted {
+        use std::fmt;
+
+        macro_rules! redacted_debug {
+            ($ty:path, $name:literal, $secret:ident $(, $field:ident)*) => {
+                impl fmt::Debug for $ty {
+                    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.debug_struct($name)
+                            .field(
+                                stringify!($secret),
+                                &format_args!("<{} bytes redacted>", self.$secret.len()),
+                            )
+                            $(.field(stringify!($field), &self.$field))*
+                            .finish()
+                    }
+                }
+            };
+        }
+
+        redacted_debug!(super::v2::EncryptRequest, "EncryptRequest", plaintext, uid);
+        redacted_debug!(super::v2::DecryptResponse, "DecryptResponse", plaintext);
+        redacted_debug!(
+            super::v1beta1::EncryptRequest,
+            "EncryptRequest",
+            plain,
+            version
+        );
+        redacted_debug!(super::v1beta1::DecryptResponse, "DecryptResponse", plain);
+    }
+
     /// The subset of etcd's v3 API the etcd keystore backend uses.
     #[allow(missing_docs, clippy::all)]
     pub mod etcd {
         tonic::include_proto!("etcdserverpb");
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    #[test]
+    fn plaintext_never_reaches_debug_output() {
+        let secret = vec![0x41u8; 32];
+        let outputs = [
+            format!(
+                "{:?}",
+                crate::proto::v2::EncryptRequest {
+                    plaintext: secret.clone(),
+                    uid: "u".into(),
+                }
+            ),
+            format!(
+                "{:?}",
+                crate::proto::v2::DecryptResponse {
+                    plaintext: secret.clone(),
+                }
+            ),
+            format!(
+                "{:?}",
+                crate::proto::v1beta1::EncryptRequest {
+                    version: "v1beta1".into(),
+                    plain: secret.clone(),
+                }
+            ),
+            format!(
+                "{:?}",
+                crate::proto::v1beta1::DecryptResponse {
+                    plain: secret.clone(),
+                }
+            ),
+        ];
+        for out in outputs {
+            assert!(out.contains("<32 bytes redacted>"), "{out}");
+            assert!(!out.contains("65") && !out.contains("AAAA"), "{out}");
+        }
     }
 }

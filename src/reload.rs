@@ -64,6 +64,8 @@ pub(crate) struct Reloader {
     check_files: bool,
     /// Raised to every keystore swapped in.
     high_water: Option<crate::keystore::backend::high_water::HighWater>,
+    /// The key derivation of the keystore in use: a change waits for SIGHUP or a restart.
+    kdf: std::sync::Mutex<Option<crate::keystore::Kdf>>,
 }
 
 impl Reloader {
@@ -89,7 +91,14 @@ impl Reloader {
             rotate_after: None,
             check_files: true,
             high_water: None,
+            kdf: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The key derivation of the keystore already loaded; a routine reload refuses another.
+    pub(crate) fn with_kdf(self, kdf: crate::keystore::Kdf) -> Self {
+        *self.kdf.lock().unwrap_or_else(|e| e.into_inner()) = Some(kdf);
+        self
     }
 
     /// Raise this node's high-water mark to every keystore swapped in.
@@ -131,9 +140,14 @@ impl Reloader {
     /// Loads the file now and swaps it in if the safety rules allow. `force` reloads even
     /// when the generation is unchanged (SIGHUP).
     pub(crate) async fn reload(&self, force: bool) -> ReloadOutcome {
+        let expected_kdf = if force {
+            None
+        } else {
+            self.kdf.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
         let reloaded = match self
             .store
-            .read_for_reload(&self.root, self.check_files)
+            .read_for_reload(&self.root, self.check_files, expected_kdf.as_ref())
             .await
         {
             Ok(r) => r,
@@ -165,6 +179,7 @@ impl Reloader {
         let history = ks.history().to_vec();
         let (generation, write_id, keystore_id) =
             (ks.generation(), ks.write_id(), ks.keystore_id());
+        let new_kdf = ks.kdf().clone();
         let next = Keyring::from_keystore(ks, Arc::clone(&self.usage));
         let dropped: Vec<String> = current
             .key_ids()
@@ -183,6 +198,7 @@ impl Reloader {
             );
         }
         self.keyring.store(next);
+        *self.kdf.lock().unwrap_or_else(|e| e.into_inner()) = Some(new_kdf);
         if let Some(mark) = &self.high_water {
             if let Err(e) = blocking(|| mark.record(generation, write_id, keystore_id, false)) {
                 tracing::warn!(error = %e, "could not raise the high-water mark");
@@ -435,6 +451,32 @@ mod tests {
             ReloadOutcome::Swapped { .. }
         ));
         assert_eq!(shared.load().primary_id().cloned(), loaded);
+    }
+
+    #[tokio::test]
+    async fn a_changed_key_derivation_waits_for_sighup() {
+        let (_dir, path, root, shared, history) = setup();
+        let loaded_under_a_passphrase = crate::keystore::Kdf::Argon2id {
+            m_kib: 1024,
+            t: 1,
+            p: 1,
+            salt: [3u8; 16],
+        };
+        let reloader = Reloader::new(file_store(&path), root, shared, history)
+            .with_kdf(loaded_under_a_passphrase);
+        match reloader.reload(false).await {
+            ReloadOutcome::Refused(why) => assert!(why.contains("key derivation"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // SIGHUP (force) loads it, and from then on it is the expected derivation.
+        assert!(!matches!(
+            reloader.reload(true).await,
+            ReloadOutcome::Refused(_) | ReloadOutcome::Failed(_)
+        ));
+        assert!(matches!(
+            reloader.reload(false).await,
+            ReloadOutcome::Unchanged
+        ));
     }
 
     #[tokio::test]

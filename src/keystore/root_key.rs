@@ -115,8 +115,9 @@ pub const ARGON2_T: u32 = 3;
 /// Argon2id lanes for new keystores.
 pub const ARGON2_P: u32 = 1;
 /// Upper bounds checked before running Argon2 on a header's parameters: an edited or hostile
-/// header must not make localkms allocate gigabytes or spin for minutes.
-pub const ARGON2_MAX_M_KIB: u32 = 1024 * 1024;
+/// header must not make localkms allocate more than `init` ever asks for (the static pod's
+/// memory limit is 128 Mi) or spin for minutes.
+pub const ARGON2_MAX_M_KIB: u32 = ARGON2_M_KIB;
 /// See [`ARGON2_MAX_M_KIB`].
 pub const ARGON2_MAX_T: u32 = 16;
 /// See [`ARGON2_MAX_M_KIB`].
@@ -257,7 +258,9 @@ impl RootKeySource {
 
 enum Secret {
     Key(Arc<RootKey>),
-    Passphrase(Zeroizing<Vec<u8>>),
+    /// The passphrase file: read (into a wiped buffer) only when a key must be derived, so the
+    /// passphrase does not sit in ordinary heap memory for the life of the process.
+    Passphrase(PathBuf),
 }
 
 /// Turns a keystore header's [`Kdf`] into the root key. For a passphrase, the derived key is
@@ -274,7 +277,11 @@ impl RootKeyProvider {
     pub fn open(source: &RootKeySource) -> Result<Self, RootKeyError> {
         let secret = match source {
             RootKeySource::KeyFile(path) => Secret::Key(Arc::new(RootKey::load(path)?)),
-            RootKeySource::PassphraseFile(path) => Secret::Passphrase(read_passphrase(path)?),
+            RootKeySource::PassphraseFile(path) => {
+                // Checked now, so a bad file is reported at once; read again when needed.
+                drop(read_passphrase(path)?);
+                Secret::Passphrase(path.clone())
+            }
         };
         Ok(RootKeyProvider {
             source_path: source.path().to_owned(),
@@ -341,14 +348,15 @@ impl RootKeyProvider {
                 "this keystore is sealed with a root key file; pass --root-key-file instead of --passphrase-file {}",
                 self.source_path.display()
             ))),
-            (Secret::Passphrase(pass), Kdf::Argon2id { m_kib, t, p, salt }) => {
+            (Secret::Passphrase(path), Kdf::Argon2id { m_kib, t, p, salt }) => {
                 let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some((cached_kdf, key)) = cache.as_ref() {
                     if cached_kdf == kdf {
                         return Ok(Arc::clone(key));
                     }
                 }
-                let key = Arc::new(derive_from_passphrase(pass, *m_kib, *t, *p, salt)?);
+                let pass = read_passphrase(path)?;
+                let key = Arc::new(derive_from_passphrase(&pass, *m_kib, *t, *p, salt)?);
                 *cache = Some((kdf.clone(), Arc::clone(&key)));
                 Ok(key)
             }
@@ -389,10 +397,12 @@ fn derive_from_passphrase(
     }
     let params = argon2::Params::new(m_kib, t, p, Some(KEY_LEN))
         .map_err(|e| RootKeyError::Argon2(e.to_string()))?;
+    // The working memory is enough to recompute the key: ours, so it is wiped after.
+    let mut memory = Zeroizing::new(vec![argon2::Block::default(); params.block_count()]);
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut key = SecretKey::zeroed();
     argon
-        .hash_password_into(pass, salt, key.expose_mut())
+        .hash_password_into_with_memory(pass, salt, key.expose_mut(), &mut *memory)
         .map_err(|e| RootKeyError::Argon2(e.to_string()))?;
     Ok(RootKey(key))
 }
@@ -511,6 +521,17 @@ mod tests {
         };
         assert!(matches!(
             provider.key_for(&hostile),
+            Err(RootKeyError::KdfTooExpensive { .. })
+        ));
+        // Anything above what init writes (64 MiB) is refused before Argon2 allocates it.
+        let just_over = Kdf::Argon2id {
+            m_kib: ARGON2_M_KIB + 1,
+            t: 1,
+            p: 1,
+            salt: [0u8; 16],
+        };
+        assert!(matches!(
+            provider.key_for(&just_over),
             Err(RootKeyError::KdfTooExpensive { .. })
         ));
         let short = passphrase_file(dir.path(), "short\n");

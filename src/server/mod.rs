@@ -345,6 +345,7 @@ pub async fn serve(
         )?;
     }
     let history = prepared.keystore.history().to_vec();
+    let kdf = prepared.keystore.kdf().clone();
     let record_key = prepared
         .root
         .key_for(prepared.keystore.kdf())
@@ -424,6 +425,7 @@ pub async fn serve(
             root: Arc::clone(&root),
             keyring: keyring.clone(),
             history,
+            kdf,
             cache_dir: config.cache_dir.clone(),
             rotate_after: config.rotate_after,
             check_files: !config.insecure_skip_file_checks,
@@ -473,6 +475,7 @@ struct ReloaderSpec {
     root: Arc<RootKeyProvider>,
     keyring: SharedKeyring,
     history: Vec<crate::keystore::HistoryEntry>,
+    kdf: crate::keystore::Kdf,
     cache_dir: Option<PathBuf>,
     rotate_after: Option<Duration>,
     check_files: bool,
@@ -494,7 +497,8 @@ async fn supervise_reloader(spec: ReloaderSpec, stop: tokio::sync::watch::Receiv
         .with_rotate_after(spec.rotate_after)
         .with_file_checks(spec.check_files)
         .with_counters(Arc::clone(&spec.counters))
-        .with_high_water(spec.store.high_water(spec.cache_dir.as_deref()));
+        .with_high_water(spec.store.high_water(spec.cache_dir.as_deref()))
+        .with_kdf(spec.kdf.clone());
         let mut task_stop = stop.clone();
         let task = tokio::spawn(reloader.watch(async move {
             let _ = task_stop.wait_for(|stop| *stop).await;

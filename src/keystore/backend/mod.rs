@@ -328,20 +328,44 @@ impl Store {
 
     /// Reads the keystore for a reload: a file must pass the start-up owner and mode checks
     /// (with `check_files`) and is read off the runtime within [`KEYSTORE_READ_TIMEOUT`].
+    ///
+    /// With `same_kdf`, a keystore whose key derivation differs (a root-key rotation) is
+    /// refused from its header, before any Argon2id runs: that change takes effect on SIGHUP
+    /// or restart, never on a routine reload.
     pub async fn read_for_reload(
         &self,
         root: &Arc<RootKeyProvider>,
         check_files: bool,
+        same_kdf: Option<&crate::keystore::Kdf>,
     ) -> Result<Reloaded, ReloadError> {
+        let kdf_changed = |bytes: &[u8], expected: Option<&crate::keystore::Kdf>| {
+            match (crate::keystore::format::peek(bytes), expected) {
+                (Ok(h), Some(k)) if &h.kdf != k => Some(
+                    "the keystore's key derivation changed (a root-key rotation?); it takes effect on SIGHUP or restart, not on a routine reload"
+                        .to_owned(),
+                ),
+                _ => None,
+            }
+        };
         match &self.kind {
             Kind::File(path) => {
                 let file = path.clone();
                 let root = Arc::clone(root);
+                let expected = same_kdf.cloned();
+                let at = self.location.clone();
                 let task = tokio::task::spawn_blocking(move || {
                     if check_files {
-                        file::check_private_file(&file).map_err(Err)?;
+                        file::check_private_file(&file).map_err(|e| {
+                            Err(format!(
+                                "{e} (the same check start-up applies; fix the file's owner and mode)"
+                            ))
+                        })?;
                     }
-                    file::load(&file, &root).map_err(Ok)
+                    let bytes = file::read_bounded(&file).map_err(Ok)?;
+                    if let Some(why) = kdf_changed(&bytes, expected.as_ref()) {
+                        return Err(Err(why));
+                    }
+                    file::decode_with(&at, &bytes, &root).map_err(Ok)
                 });
                 match tokio::time::timeout(KEYSTORE_READ_TIMEOUT, task).await {
                     Ok(Ok(Ok(keystore))) => Ok(Reloaded {
@@ -349,9 +373,7 @@ impl Store {
                         cache: None,
                     }),
                     Ok(Ok(Err(Ok(e)))) => Err(ReloadError::Failed(e)),
-                    Ok(Ok(Err(Err(e)))) => Err(ReloadError::Refused(format!(
-                        "{e} (the same check start-up applies; fix the file's owner and mode)"
-                    ))),
+                    Ok(Ok(Err(Err(why)))) => Err(ReloadError::Refused(why)),
                     Ok(Err(join)) => {
                         Err(ReloadError::Refused(format!("reload task failed: {join}")))
                     }
@@ -369,6 +391,9 @@ impl Store {
             }
             Kind::Etcd(_) => {
                 let (bytes, _) = self.read_raw().await.map_err(ReloadError::Failed)?;
+                if let Some(why) = kdf_changed(&bytes, same_kdf) {
+                    return Err(ReloadError::Refused(why));
+                }
                 let keystore = self.decode(&bytes, root).map_err(ReloadError::Failed)?;
                 Ok(Reloaded {
                     keystore,
