@@ -614,3 +614,39 @@ fn check_config_tries_the_metrics_address() {
     let out = check();
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// `--require-mlock` refuses to start where key pages cannot be locked (here: an unprivileged
+/// user with RLIMIT_MEMLOCK 0), naming the fixes; where they can (root), it serves.
+#[test]
+fn require_mlock_refuses_when_keys_cannot_be_locked() {
+    if !is_root() {
+        return skipped("locking as root and refusing as another user needs root");
+    }
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        return skipped("prlimit (util-linux) is not installed");
+    }
+    let ws = Workspace::new();
+    drop(ws.serve_with(&["--require-mlock"]));
+    let nobody = rustix::fs::Uid::from_raw(65534);
+    for f in [ws.dir.path(), ws.keystore.as_path(), ws.root_key.as_path()] {
+        rustix::fs::chown(f, Some(nobody), None).expect("chown");
+    }
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["prlimit", "--memlock=0:0", "--"])
+        .arg(bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(ws.dir.path().join("nobody.sock"))
+        .args(ws.keystore_args())
+        .arg("--require-mlock")
+        .output()
+        .expect("serve as nobody");
+    assert!(!out.status.success(), "served with unlockable keys");
+    assert!(
+        text(&out).contains("--require-mlock") && text(&out).contains("RLIMIT_MEMLOCK"),
+        "{}",
+        text(&out)
+    );
+}

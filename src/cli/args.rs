@@ -347,6 +347,9 @@ pub struct ServeArgs {
     /// refused without --allow-uid/--allow-gid, unless --allow-world.
     #[arg(long, env = "LOCALKMS_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Refuse to start unless key pages can be locked in memory (never swapped to disk).
+    #[arg(long, env = "LOCALKMS_REQUIRE_MLOCK", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub require_mlock: bool,
     /// Start even if the keystore is older than the newest one this node has served (its
     /// high-water mark): disaster recovery only; logged, and the mark is reset.
     #[arg(long, env = "LOCALKMS_ALLOW_ROLLBACK", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]

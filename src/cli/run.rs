@@ -253,6 +253,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         socket_group,
         allow_world: args.allow_world,
         allow_rollback: args.allow_rollback,
+        require_mlock: args.require_mlock,
         keystore,
         etcd_tls: args.etcd.tls(),
         cache_dir: args.cache_dir.clone(),

@@ -22,6 +22,20 @@ pub(crate) struct LockedPage {
 }
 
 static LOCK_WARNED: AtomicBool = AtomicBool::new(false);
+static PAGE_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this kernel's pages are the size key pages are laid out for. On 16 KiB or 64 KiB
+/// pages, locking one key's page would lock (and unlocking it release) its neighbours, so keys
+/// are then left unlocked, with a warning, rather than locked wrongly.
+fn pages_fit() -> bool {
+    rustix::param::page_size() == PAGE
+}
+
+/// Whether key material can be locked in memory here (memlock limit, CAP_IPC_LOCK, page size):
+/// what `serve --require-mlock` insists on.
+pub fn can_lock_keys() -> bool {
+    LockedPage::new().locked
+}
 
 impl LockedPage {
     /// A zeroed page, locked and excluded from core dumps where the system allows.
@@ -30,10 +44,20 @@ impl LockedPage {
             bytes: [0u8; KEY_LEN],
             locked: false,
         });
+        if !pages_fit() {
+            if !PAGE_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    page_size = rustix::param::page_size(),
+                    "this kernel's memory pages are not 4096 bytes: key pages are not locked or kept out of core dumps individually (core dumps are still off for the whole process)"
+                );
+            }
+            return page;
+        }
         let ptr = std::ptr::from_mut::<LockedPage>(&mut page).cast::<std::ffi::c_void>();
         // SAFETY: `ptr` is the start of a live, page-aligned allocation of exactly PAGE bytes
-        // (size_of::<LockedPage>() == PAGE), owned by `page` for as long as the lock is held;
-        // mlock and madvise only change paging attributes of that range.
+        // (size_of::<LockedPage>() == PAGE, which is the kernel's page size, checked above),
+        // owned by `page` for as long as the lock is held; mlock and madvise only change
+        // paging attributes of that range.
         let locked = unsafe { rustix::mm::mlock(ptr, PAGE) }.is_ok();
         // SAFETY: as above; MADV_DONTDUMP does not alter the contents of the range.
         let _ = unsafe { rustix::mm::madvise(ptr, PAGE, rustix::mm::Advice::LinuxDontDump) };
@@ -57,6 +81,9 @@ impl LockedPage {
 impl Drop for LockedPage {
     fn drop(&mut self) {
         self.bytes.zeroize();
+        if !pages_fit() {
+            return;
+        }
         let ptr = std::ptr::from_mut::<LockedPage>(self).cast::<std::ffi::c_void>();
         // Restore the page's attributes before the allocator reuses it: otherwise every freed
         // key page stays a separate memory mapping, and churn (reloads) could exhaust

@@ -11,6 +11,7 @@ mod locked;
 
 pub use aead::{derive_key, open_in_place, seal_in_place, NONCE_LEN, TAG_LEN};
 pub use key::{fill_random, SecretKey, KEY_LEN};
+pub use locked::can_lock_keys;
 
 /// A failure inside a primitive: the OS random source or the AEAD refused to work.
 ///

@@ -54,6 +54,9 @@ pub enum ServerError {
     /// The keystore loaded but cannot serve.
     #[error("keystore {0} loaded but its primary key failed the self-test round trip")]
     SelfTest(KeystoreLocation),
+    /// `--require-mlock` and key pages cannot be locked.
+    #[error("--require-mlock is set, but key pages cannot be locked in memory here: raise RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=), grant CAP_IPC_LOCK, or run on a kernel with 4096-byte pages; refusing to start with keys that could be swapped to disk")]
+    NoMlock,
     /// A world-writable socket with no allow list.
     #[error("--socket-mode {0:04o} lets every local user call the plugin and there is no --allow-uid/--allow-gid list: anyone on the node could decrypt the cluster's secrets. Use --socket-mode 0600 (or 0660 with --socket-group), add --allow-uid/--allow-gid, or pass --allow-world if that is really intended")]
     WorldSocket(u32),
@@ -174,6 +177,8 @@ pub struct ServeConfig {
     pub allow_world: bool,
     /// Start on a keystore older than this node's high-water mark (disaster recovery; logged).
     pub allow_rollback: bool,
+    /// Refuse to start unless key pages can be locked in memory.
+    pub require_mlock: bool,
     /// Keystore: a file, or a key in etcd.
     pub keystore: KeystoreLocation,
     /// TLS for an etcd keystore.
@@ -242,6 +247,9 @@ impl Prepared {
 /// Makes no change on disk.
 pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServerError> {
     check_socket_exposure(config)?;
+    if config.require_mlock && !crate::crypto::can_lock_keys() {
+        return Err(ServerError::NoMlock);
+    }
     let store = Store::open(&config.keystore, &config.etcd_tls)?;
     if config.insecure_skip_file_checks {
         tracing::warn!(

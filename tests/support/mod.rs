@@ -123,6 +123,7 @@ impl Serving {
             socket_group: None,
             allow_world: false,
             allow_rollback: false,
+            require_mlock: false,
             keystore: localkms::keystore::KeystoreLocation::file(keystore),
             etcd_tls: Default::default(),
             cache_dir: None,
