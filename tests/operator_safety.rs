@@ -463,3 +463,31 @@ async fn a_keystore_from_another_init_is_refused() {
     let server = ws.serve_with(&["--allow-rollback"]);
     assert_ne!(common::status_key_id(&server.endpoint()).await, ours);
 }
+
+/// Changes made with the CLI while no server runs raise the node's mark too: a backup
+/// restored afterwards is still refused at the next start.
+#[test]
+fn a_backup_restored_while_no_server_ran_is_refused() {
+    let ws = Workspace::new();
+    for _ in 0..2 {
+        let out = ws.keys(&["rotate"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let mut backup = ws.keystore.as_os_str().to_owned();
+    backup.push(".bak.1");
+    std::fs::copy(std::path::PathBuf::from(backup), &ws.keystore).expect("restore");
+    let out = Command::new(bin())
+        .arg("serve")
+        .arg("--check-config")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args())
+        .output()
+        .expect("check-config");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("generation 1") && text(&out).contains("generation 3"),
+        "{}",
+        text(&out)
+    );
+}

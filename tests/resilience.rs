@@ -521,9 +521,11 @@ fn socket_group_members_reach_the_socket() {
     const GROUP: &str = "4242";
     let ws = Workspace::new();
     let server_uid = rustix::fs::Uid::from_raw(65534);
-    for f in [ws.dir.path(), ws.keystore.as_path(), ws.root_key.as_path()] {
-        rustix::fs::chown(f, Some(server_uid), None).expect("chown");
+    // Everything init made belongs to the user the server will run as.
+    for entry in std::fs::read_dir(ws.dir.path()).expect("dir") {
+        rustix::fs::chown(entry.expect("entry").path(), Some(server_uid), None).expect("chown");
     }
+    rustix::fs::chown(ws.dir.path(), Some(server_uid), None).expect("chown");
     std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let socket = ws.dir.path().join("run").join("kms.sock");
     let serve_as = |groups: &str| {

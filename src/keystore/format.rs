@@ -79,6 +79,13 @@ pub struct Header {
     len: usize,
 }
 
+impl Header {
+    /// The random nonce of this write: the keystore's write id.
+    pub fn write_id(&self) -> [u8; NONCE_LEN] {
+        self.nonce
+    }
+}
+
 /// Reads only the header, for the KDF and a cheap generation check without the root key.
 pub fn peek(bytes: &[u8]) -> Result<Header, FormatError> {
     parse_header(bytes)

@@ -274,7 +274,7 @@ const TEMP_SUFFIX: &str = ".tmp";
 
 /// Temp files for `path` are named `.NAME.XXXXXX.tmp`, so cleaning up after one keystore never
 /// touches another keystore's in-flight write in the same directory.
-fn temp_prefix(path: &Path) -> String {
+pub(crate) fn temp_prefix(path: &Path) -> String {
     let name = path
         .file_name()
         .map_or_else(|| "keystore".into(), |n| n.to_string_lossy());
@@ -283,7 +283,7 @@ fn temp_prefix(path: &Path) -> String {
 
 /// Removes temp files left by a writer of `path` that died mid-write. Called under the lock,
 /// so no live writer owns one.
-fn remove_stale_temp_files(path: &Path) {
+pub(crate) fn remove_stale_temp_files(path: &Path) {
     let Ok(entries) = std::fs::read_dir(dir_of(path)) else {
         return;
     };

@@ -35,12 +35,15 @@ fn hex(bytes: &[u8]) -> String {
 /// A node's high-water mark for one keystore.
 pub struct HighWater {
     path: PathBuf,
+    /// For a file keystore: the keystore, whose lock serialises writers of the mark (the
+    /// server's reloads and this node's CLI changes).
+    keystore: Option<PathBuf>,
 }
 
 impl HighWater {
-    /// The mark kept at `path`.
-    pub(crate) fn at(path: PathBuf) -> Self {
-        HighWater { path }
+    /// The mark kept at `path`; `keystore` is the file keystore it belongs to, if any.
+    pub(crate) fn at(path: PathBuf, keystore: Option<PathBuf>) -> Self {
+        HighWater { path, keystore }
     }
 
     /// The state file, for messages.
@@ -123,6 +126,12 @@ impl HighWater {
         keystore_id: Option<[u8; 16]>,
         force: bool,
     ) -> Result<(), KeystoreError> {
+        let _lock = match &self.keystore {
+            Some(ks) => Some(file::Lock::acquire(ks)?),
+            None => None,
+        };
+        // A writer killed mid-write leaves a temp file; under the lock, none is in progress.
+        file::remove_stale_temp_files(&self.path);
         if !force {
             if let Some(mark) = self.read()? {
                 if mark.generation > generation {
@@ -136,11 +145,16 @@ impl HighWater {
             keystore_id: keystore_id.map(|id| hex(&id)),
         };
         let bytes = serde_json::to_vec_pretty(&mark).unwrap_or_default();
-        file::write_atomically(&self.path, ".localkms-high-water-", &bytes, true, || {}).map_err(
-            |source| KeystoreError::Io {
-                path: self.path.clone(),
-                source,
-            },
+        file::write_atomically(
+            &self.path,
+            &file::temp_prefix(&self.path),
+            &bytes,
+            true,
+            || {},
         )
+        .map_err(|source| KeystoreError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 }

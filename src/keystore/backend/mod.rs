@@ -238,7 +238,11 @@ impl Store {
     /// Writes a brand-new keystore, refusing to replace one.
     pub async fn create(&self, root: &RootKeyProvider, ks: &Keystore) -> Result<(), KeystoreError> {
         match &self.kind {
-            Kind::File(p) => blocking(|| file::create(p, root, ks)),
+            Kind::File(p) => blocking(|| {
+                file::create(p, root, ks)?;
+                self.raise_mark_from_file(p);
+                Ok(())
+            }),
             Kind::Etcd(e) => etcd::create(e, &self.location, root, ks).await,
         }
     }
@@ -251,6 +255,24 @@ impl Store {
         }
     }
 
+    /// After a write to a file keystore on this node: raises the node's high-water mark to
+    /// what was written, so a backup restored while no server runs is still refused at the
+    /// next start. The write is committed either way; a failure here is only logged.
+    fn raise_mark_from_file(&self, path: &Path) {
+        let raised = file::read_bounded(path)
+            .and_then(|bytes| {
+                crate::keystore::format::peek(&bytes)
+                    .map_err(|e| file::format_err(&self.location, e))
+            })
+            .and_then(|h| match self.high_water(None) {
+                Some(mark) => mark.record(h.generation, h.write_id(), h.keystore_id, false),
+                None => Ok(()),
+            });
+        if let Err(e) = raised {
+            tracing::warn!(error = %e, "could not raise this node's high-water mark");
+        }
+    }
+
     /// Applies `change` and saves the next generation: under the file lock, or as an etcd
     /// compare-and-swap retried (re-reading and re-applying `change`) when another writer got
     /// there first. Nothing is written when `change` fails.
@@ -260,7 +282,11 @@ impl Store {
         change: impl FnMut(&mut Keystore) -> Result<T, KeystoreError>,
     ) -> Result<T, KeystoreError> {
         match &self.kind {
-            Kind::File(p) => blocking(|| file::update(p, root, change)),
+            Kind::File(p) => blocking(|| {
+                let out = file::update(p, root, change)?;
+                self.raise_mark_from_file(p);
+                Ok(out)
+            }),
             Kind::Etcd(e) => etcd::cas_rewrite(e, &self.location, root, root, change).await,
         }
     }
@@ -273,7 +299,11 @@ impl Store {
         mut record: impl FnMut(&mut Keystore),
     ) -> Result<(), KeystoreError> {
         match &self.kind {
-            Kind::File(p) => blocking(|| file::reseal(p, old, new, record)),
+            Kind::File(p) => blocking(|| {
+                file::reseal(p, old, new, record)?;
+                self.raise_mark_from_file(p);
+                Ok(())
+            }),
             Kind::Etcd(e) => {
                 etcd::cas_rewrite(e, &self.location, old, new, |ks| {
                     ks.kdf = new.new_kdf()?;
@@ -459,11 +489,15 @@ impl Store {
             (Kind::File(p), _) => {
                 let mut name = p.as_os_str().to_owned();
                 name.push(".high-water.json");
-                Some(high_water::HighWater::at(PathBuf::from(name)))
+                Some(high_water::HighWater::at(
+                    PathBuf::from(name),
+                    Some(p.clone()),
+                ))
             }
-            (Kind::Etcd(_), Some(dir)) => {
-                Some(high_water::HighWater::at(dir.join(high_water::STATE_FILE)))
-            }
+            (Kind::Etcd(_), Some(dir)) => Some(high_water::HighWater::at(
+                dir.join(high_water::STATE_FILE),
+                None,
+            )),
             (Kind::Etcd(_), None) => None,
         }
     }
