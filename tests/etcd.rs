@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{bin, client, free_port, localkms, status_key_id, Server};
+use localkms::keystore::EtcdTarget;
 use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
 
 fn etcd_available() -> bool {
@@ -36,6 +37,21 @@ fn etcd_available() -> bool {
 /// loaded 2-core machine, their elections and leases time out; one at a time they do not.
 /// (A tokio mutex: async tests hold it across awaits.)
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A library etcd client on `url`'s (plaintext, loopback) etcd, for writing what a hostile
+/// writer would.
+fn raw_etcd(url: &str) -> (EtcdTarget, localkms::keystore::backend::etcd::Etcd) {
+    let target = EtcdTarget::parse(url).expect("target");
+    let etcd = localkms::keystore::backend::etcd::Etcd::connect(
+        &target,
+        &localkms::keystore::EtcdTls {
+            insecure: true,
+            ..Default::default()
+        },
+    )
+    .expect("etcd");
+    (target, etcd)
+}
 
 /// One etcd member on loopback ports.
 struct Member {
@@ -940,15 +956,7 @@ async fn forged_node_records_are_ignored_and_reported() {
     }
     let (_etcd, url, node) = initialised("forge");
     let server = node.serve(&url, "a", &[]);
-    let target = localkms::keystore::EtcdTarget::parse(&url).expect("target");
-    let etcd = localkms::keystore::backend::etcd::Etcd::connect(
-        &target,
-        &localkms::keystore::EtcdTls {
-            insecure: true,
-            ..Default::default()
-        },
-    )
-    .expect("etcd");
+    let (target, etcd) = raw_etcd(&url);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ok(&node.run(&url, &["nodes"])).contains("\na ") {
         assert!(
@@ -996,15 +1004,7 @@ async fn an_old_etcd_revision_is_refused_at_restart() {
         return;
     }
     let (_etcd, url, node) = initialised("rollback");
-    let target = localkms::keystore::EtcdTarget::parse(&url).expect("target");
-    let etcd = localkms::keystore::backend::etcd::Etcd::connect(
-        &target,
-        &localkms::keystore::EtcdTls {
-            insecure: true,
-            ..Default::default()
-        },
-    )
-    .expect("etcd");
+    let (target, etcd) = raw_etcd(&url);
     let old = etcd
         .get(&target.keystore_key())
         .await
@@ -1024,22 +1024,15 @@ async fn an_old_etcd_revision_is_refused_at_restart() {
         .await
         .expect("put back");
     let socket = node.dir.path().join("a.sock");
-    let mut attempt = Command::new(bin())
-        .arg("serve")
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
         .arg("--socket")
         .arg(&socket)
         .args(node.args(&url))
         .arg("--etcd-insecure")
         .arg("--cache-dir")
-        .arg(node.dir.path().join("cache-a"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let status = common::wait_with_timeout(&mut attempt, Duration::from_secs(30));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut attempt.stderr.take().expect("stderr"), &mut err)
-        .expect("stderr");
+        .arg(node.dir.path().join("cache-a"));
+    let (status, err) = common::run_to_exit(cmd);
     assert!(!status.success(), "an old etcd revision was served");
     assert!(
         err.contains("high-water") && err.contains("--allow-rollback"),

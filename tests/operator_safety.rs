@@ -34,6 +34,16 @@ fn generation(ws: &Workspace) -> u64 {
         .expect("generation")
 }
 
+/// `localkms serve` on `ws`'s socket and keystore, not yet started.
+fn serve_command(ws: &Workspace) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args());
+    cmd
+}
+
 /// A workspace rotated once; returns it and the now-retired first key.
 fn rotated_workspace() -> (Workspace, String) {
     let ws = Workspace::new();
@@ -378,19 +388,7 @@ async fn a_restored_backup_is_refused_at_restart() {
     let mut backup = ws.keystore.as_os_str().to_owned();
     backup.push(".bak.1");
     std::fs::copy(std::path::PathBuf::from(backup), &ws.keystore).expect("restore the backup");
-    let mut attempt = Command::new(bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(&ws.socket)
-        .args(ws.keystore_args())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let status = common::wait_with_timeout(&mut attempt, Duration::from_secs(30));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut attempt.stderr.take().expect("stderr"), &mut err)
-        .expect("stderr");
+    let (status, err) = common::run_to_exit(serve_command(&ws));
     assert!(!status.success(), "a rolled-back keystore was served");
     assert!(
         err.contains("generation 1")
@@ -440,19 +438,7 @@ async fn a_keystore_from_another_init_is_refused() {
     assert_eq!(common::status_key_id(&server.endpoint()).await, ours);
     assert_eq!(server.stop("TERM").code(), Some(0));
     // And at the next start.
-    let mut attempt = Command::new(bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(&ws.socket)
-        .args(ws.keystore_args())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let status = common::wait_with_timeout(&mut attempt, Duration::from_secs(30));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut attempt.stderr.take().expect("stderr"), &mut err)
-        .expect("stderr");
+    let (status, err) = common::run_to_exit(serve_command(&ws));
     assert!(!status.success(), "another keystore was served");
     assert!(
         err.contains("another keystore")

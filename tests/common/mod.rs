@@ -276,6 +276,21 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+/// Runs `cmd` (a `serve` expected to refuse and exit) with stderr captured, and waits for
+/// it (at most 30 s): its exit status and what it said.
+pub fn run_to_exit(mut cmd: Command) -> (ExitStatus, String) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status = wait_with_timeout(&mut child, Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    (status, err)
+}
+
 /// Asks Status from a thread of its own, so it works from sync and async tests alike.
 pub fn blocking_status_ok(socket: &Path) -> bool {
     let endpoint = format!("unix://{}", socket.display());

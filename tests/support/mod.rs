@@ -16,6 +16,22 @@ use localkms::telemetry::metrics::Metrics;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+type ServerTask = tokio::task::JoinHandle<Result<(), server::ServerError>>;
+
+/// Sends the stop signal and waits (at most 30 s) for the server task's result.
+async fn stop_and_join(
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<ServerTask>,
+) -> Result<(), server::ServerError> {
+    if let Some(stop) = stop {
+        let _ = stop.send(());
+    }
+    tokio::time::timeout(Duration::from_secs(30), task.expect("running"))
+        .await
+        .expect("server stopped within 30 s")
+        .expect("server task")
+}
+
 /// A server running inside the test process.
 pub struct InProcess {
     /// Holds the socket.
@@ -27,7 +43,7 @@ pub struct InProcess {
     /// Its metrics.
     pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
+    task: Option<ServerTask>,
 }
 
 /// A fresh in-memory keystore with one primary KEK.
@@ -88,14 +104,7 @@ impl InProcess {
 
     /// Stops the server the way SIGTERM does (drain, then return) and reports how it ended.
     pub async fn stop(mut self) -> Result<(), server::ServerError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let task = self.task.take().expect("running");
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("server stopped within 30 s")
-            .expect("server task")
+        stop_and_join(self.stop.take(), self.task.take()).await
     }
 }
 
@@ -105,7 +114,7 @@ pub struct Serving {
     /// The socket path.
     pub socket: PathBuf,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
+    task: Option<ServerTask>,
 }
 
 impl Serving {
@@ -175,14 +184,7 @@ impl Serving {
 
     /// Stops it as SIGTERM would and reports how it ended.
     pub async fn stop(mut self) -> Result<(), server::ServerError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let task = self.task.take().expect("running");
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("serve stopped within 30 s")
-            .expect("serve task")
+        stop_and_join(self.stop.take(), self.task.take()).await
     }
 }
 
