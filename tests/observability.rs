@@ -224,6 +224,50 @@ async fn bench_reports_json_and_counts_errors() {
 
 fn bench_against(ep: &str) {
     let ep = ep.to_owned();
+    // The server runs in this process: its CPU per request is read from /proc.
+    let pid = std::process::id().to_string();
+    let v = common::localkms_json(&[
+        "bench",
+        "--socket",
+        &ep,
+        "--requests",
+        "2000",
+        "--concurrency",
+        "4",
+        "--server-pid",
+        &pid,
+        "--json",
+    ]);
+    let cpu = v["server_cpu_us_per_request"]
+        .as_f64()
+        .expect("cpu per request");
+    // CPU time is counted in 10 ms ticks; 2000 debug-build requests take well over one.
+    assert!(cpu > 0.0 && cpu < 1e6, "{v}");
+    let out = localkms(&[
+        "bench",
+        "--socket",
+        &ep,
+        "--requests",
+        "50",
+        "--server-pid",
+        &pid,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("µs per request"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = localkms(&[
+        "bench",
+        "--socket",
+        &ep,
+        "--requests",
+        "5",
+        "--server-pid",
+        "999999999",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--server-pid"));
     for op in ["encrypt", "decrypt", "status", "mixed"] {
         let v = common::localkms_json(&[
             "bench",

@@ -426,6 +426,9 @@ pub struct BenchArgs {
     /// Plaintext bytes per Encrypt.
     #[arg(long, default_value_t = 32)]
     pub plaintext_size: usize,
+    /// The server's process id: report its CPU time per request (read from /proc).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

@@ -125,6 +125,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 requests: args.requests,
                 plaintext_size: args.plaintext_size,
                 progress: true,
+                server_pid: args.server_pid,
             };
             let report = runtime()?.block_on(client::bench(opts))?;
             println_out(if args.json {

@@ -37,6 +37,32 @@ pub struct BenchOptions {
     pub plaintext_size: usize,
     /// Print a progress line on stderr every second.
     pub progress: bool,
+    /// The server's process id: its CPU time over the run is read from `/proc` and reported
+    /// per request (steadier than requests per second on a shared, noisy machine).
+    pub server_pid: Option<u32>,
+}
+
+/// CPU seconds (user + system) process `pid` has used, from `/proc/PID/stat`.
+pub fn process_cpu_seconds(pid: u32) -> Result<f64, ClientError> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| {
+        ClientError::Contract(format!("cannot read {path}: {e} (is --server-pid right?)"))
+    })?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15; `fields` starts at field 3.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(utime), Some(stime)) => {
+            Ok((utime + stime) as f64 / rustix::param::clock_ticks_per_second() as f64)
+        }
+        _ => Err(ClientError::Contract(format!(
+            "{path} is not in the expected format"
+        ))),
+    }
 }
 
 /// Latency percentiles in microseconds.
@@ -67,6 +93,9 @@ pub struct BenchReport {
     pub requests_per_sec: f64,
     /// Latency of every completed request.
     pub latency_us: Latencies,
+    /// With `--server-pid`: the server's CPU microseconds per completed request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_request: Option<f64>,
 }
 
 impl BenchReport {
@@ -85,6 +114,9 @@ impl BenchReport {
             self.latency_us.max,
             errors
         );
+        if let Some(cpu) = self.server_cpu_us_per_request {
+            out.push_str(&format!("\nserver CPU: {cpu:.1} µs per request"));
+        }
         for (code, n) in &self.errors {
             out.push_str(&format!("\n  {code}: {n}"));
         }
@@ -277,6 +309,7 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, ClientError> {
         ciphertext,
         key_id,
     });
+    let cpu_before = opts.server_pid.map(process_cpu_seconds).transpose()?;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..opts.concurrency.max(1) {
@@ -327,7 +360,14 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, ClientError> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let requests = hist.len();
+    let server_cpu_us_per_request = match (opts.server_pid, cpu_before) {
+        (Some(pid), Some(before)) if requests > 0 => {
+            Some((process_cpu_seconds(pid)? - before) * 1e6 / requests as f64)
+        }
+        _ => None,
+    };
     Ok(BenchReport {
+        server_cpu_us_per_request,
         requests,
         errors,
         elapsed_s: elapsed,

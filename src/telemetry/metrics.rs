@@ -321,6 +321,16 @@ impl Collector for StateCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(crate::telemetry::log_write_errors()).encode(dropped)?;
+        // The standard process metric, so CPU per request can be read off /metrics too.
+        if let Ok(cpu) = crate::client::bench::process_cpu_seconds(std::process::id()) {
+            let counter = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(cpu).encode(counter)?;
+        }
         Ok(())
     }
 }
@@ -360,6 +370,7 @@ mod tests {
             "localkms_rejected_peers_total 1",
             "localkms_build_info{version=",
             "localkms_log_write_errors_total",
+            "process_cpu_seconds_total",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
