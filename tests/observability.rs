@@ -336,3 +336,48 @@ fn bench_against(ep: &str) {
         "progress line expected"
     );
 }
+
+/// `bench --compare` runs the same load against two endpoints in interleaved rounds and
+/// reports medians and the ratio, with CPU per request when both pids are given.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_compares_two_endpoints_in_interleaved_rounds() {
+    let a = support::InProcess::start().await;
+    let b = support::InProcess::start().await;
+    let (ea, eb) = (a.endpoint(), b.endpoint());
+    let v = tokio::task::spawn_blocking(move || {
+        // Both servers live in this process: the same pid for each side.
+        let pid = std::process::id().to_string();
+        common::localkms_json(&[
+            "bench",
+            "--socket",
+            &ea,
+            "--compare",
+            &eb,
+            "--rounds",
+            "3",
+            "--requests",
+            "400",
+            "--concurrency",
+            "4",
+            "--server-pid",
+            &pid,
+            "--compare-pid",
+            &pid,
+            "--json",
+        ])
+    })
+    .await
+    .expect("bench");
+    assert_eq!(v["rounds"], 3, "{v}");
+    for side in ["a", "b"] {
+        assert!(
+            v[side]["requests_per_sec"].as_f64().expect("rps") > 0.0,
+            "{v}"
+        );
+        assert_eq!(v[side]["errors"], 0, "{v}");
+        assert!(v[side]["server_cpu_us_per_request"].is_number(), "{v}");
+    }
+    let ratio = v["throughput_ratio"].as_f64().expect("ratio");
+    assert!(ratio > 0.0 && ratio.is_finite(), "{v}");
+    assert!(v["cpu_ratio"].is_number(), "{v}");
+}

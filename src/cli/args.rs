@@ -429,6 +429,16 @@ pub struct BenchArgs {
     /// The server's process id: report its CPU time per request (read from /proc).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// A second socket: run the same load against both, interleaved round by round, and
+    /// print medians and the ratio (second / first).
+    #[arg(long)]
+    pub compare: Option<String>,
+    /// The second server's process id, for its CPU per request.
+    #[arg(long, requires = "compare")]
+    pub compare_pid: Option<u32>,
+    /// Rounds per endpoint with --compare.
+    #[arg(long, default_value = "5", value_parser = parse_positive, requires = "compare")]
+    pub rounds: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

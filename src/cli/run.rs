@@ -127,6 +127,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: true,
                 server_pid: args.server_pid,
             };
+            if let Some(other) = args.compare {
+                let a = client::BenchOptions {
+                    progress: false,
+                    ..opts
+                };
+                let b = client::BenchOptions {
+                    endpoint: other,
+                    server_pid: args.compare_pid,
+                    ..a.clone()
+                };
+                let cmp = runtime()?.block_on(client::bench::compare(a, b, args.rounds))?;
+                return println_out(if args.json {
+                    serde_json::to_string(&cmp)?
+                } else {
+                    cmp.text()
+                });
+            }
             let report = runtime()?.block_on(client::bench(opts))?;
             println_out(if args.json {
                 serde_json::to_string(&report)?

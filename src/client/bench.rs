@@ -385,3 +385,118 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, ClientError> {
         },
     })
 }
+
+/// One side of a `bench --compare`: medians over the rounds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Side {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Median requests per second.
+    pub requests_per_sec: f64,
+    /// Median p50 latency, µs.
+    pub p50_us: u64,
+    /// Median p99 latency, µs.
+    pub p99_us: u64,
+    /// Median server CPU µs per request (with a pid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_request: Option<f64>,
+    /// Errors over every round.
+    pub errors: u64,
+}
+
+/// `bench --compare`: the same load against two endpoints, interleaved round by round
+/// (A B A B…), so both see the same machine; medians and the ratio B / A.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Comparison {
+    /// Rounds run against each side.
+    pub rounds: usize,
+    /// The first endpoint (`--socket`).
+    pub a: Side,
+    /// The second endpoint (`--compare`).
+    pub b: Side,
+    /// B's median requests per second over A's.
+    pub throughput_ratio: f64,
+    /// B's median CPU per request over A's (with both pids).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ratio: Option<f64>,
+}
+
+impl Comparison {
+    /// The human-readable summary.
+    pub fn text(&self) -> String {
+        let side = |name: &str, s: &Side| {
+            format!(
+                "{name} {}: {:.0} req/s  p50 {} µs  p99 {} µs{}  errors {}",
+                s.endpoint,
+                s.requests_per_sec,
+                s.p50_us,
+                s.p99_us,
+                s.server_cpu_us_per_request
+                    .map(|c| format!("  server CPU {c:.1} µs/request"))
+                    .unwrap_or_default(),
+                s.errors
+            )
+        };
+        let mut out = format!(
+            "medians over {} interleaved rounds\n{}\n{}\nB/A throughput: {:.2}",
+            self.rounds,
+            side("A", &self.a),
+            side("B", &self.b),
+            self.throughput_ratio
+        );
+        if let Some(r) = self.cpu_ratio {
+            out.push_str(&format!("\nB/A server CPU per request: {r:.2}"));
+        }
+        out
+    }
+}
+
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn median_u64(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn side(endpoint: &str, reports: &[BenchReport]) -> Side {
+    let cpu: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r.server_cpu_us_per_request)
+        .collect();
+    Side {
+        endpoint: endpoint.to_owned(),
+        requests_per_sec: median_f64(reports.iter().map(|r| r.requests_per_sec).collect()),
+        p50_us: median_u64(reports.iter().map(|r| r.latency_us.p50).collect()),
+        p99_us: median_u64(reports.iter().map(|r| r.latency_us.p99).collect()),
+        server_cpu_us_per_request: (!cpu.is_empty()).then(|| median_f64(cpu)),
+        errors: reports.iter().map(|r| r.errors.values().sum::<u64>()).sum(),
+    }
+}
+
+/// Runs `a` and `b` alternately for `rounds` rounds each and compares their medians.
+pub async fn compare(
+    a: BenchOptions,
+    b: BenchOptions,
+    rounds: usize,
+) -> Result<Comparison, ClientError> {
+    let (mut ra, mut rb) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        ra.push(bench(a.clone()).await?);
+        rb.push(bench(b.clone()).await?);
+    }
+    let (sa, sb) = (side(&a.endpoint, &ra), side(&b.endpoint, &rb));
+    let ratio = |x: f64, y: f64| if x > 0.0 { y / x } else { 0.0 };
+    Ok(Comparison {
+        rounds: rounds.max(1),
+        throughput_ratio: ratio(sa.requests_per_sec, sb.requests_per_sec),
+        cpu_ratio: match (sa.server_cpu_us_per_request, sb.server_cpu_us_per_request) {
+            (Some(x), Some(y)) => Some(ratio(x, y)),
+            _ => None,
+        },
+        a: sa,
+        b: sb,
+    })
+}
