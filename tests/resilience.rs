@@ -652,3 +652,43 @@ fn require_mlock_refuses_when_keys_cannot_be_locked() {
         text(&out)
     );
 }
+
+/// A keystore directory the server cannot write (a read-only mount) does not stop it: the
+/// high-water mark cannot be kept, and the server says so loudly and serves.
+#[test]
+fn a_read_only_keystore_directory_still_serves() {
+    if !is_root() {
+        return skipped("running the server as a user who cannot write the directory needs root");
+    }
+    let ws = Workspace::new();
+    // Everything belongs to nobody, except the directory itself, which nobody cannot write.
+    let nobody = rustix::fs::Uid::from_raw(65534);
+    for entry in std::fs::read_dir(ws.dir.path()).expect("dir") {
+        rustix::fs::chown(entry.expect("entry").path(), Some(nobody), None).expect("chown");
+    }
+    let _ = std::fs::remove_file({
+        let mut p = ws.keystore.as_os_str().to_owned();
+        p.push(".high-water.json");
+        std::path::PathBuf::from(p)
+    });
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let run = tempfile::tempdir().expect("socket dir");
+    rustix::fs::chown(run.path(), Some(nobody), None).expect("chown");
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = run.path().join("kms.sock");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(ws.keystore_args());
+    let server = Server::spawn_without_probe(cmd, socket, run.path().join("serve.log"));
+    assert!(
+        server
+            .log_text()
+            .contains("cannot write this node's high-water mark"),
+        "{}",
+        server.log_text()
+    );
+}

@@ -345,12 +345,16 @@ pub async fn serve(
     let prepared = prepare(&config).await?;
     let high_water = prepared.store.high_water(config.cache_dir.as_deref());
     if let Some(mark) = &high_water {
-        mark.record(
+        // A read-only keystore directory must not stop the plugin; it loses the rollback
+        // protection, so say so loudly.
+        if let Err(e) = mark.record(
             prepared.keystore.generation(),
             prepared.keystore.write_id(),
             prepared.keystore.keystore_id(),
             config.allow_rollback,
-        )?;
+        ) {
+            tracing::warn!(error = %e, state = %mark.path().display(), "cannot write this node's high-water mark: a restored backup or an old etcd revision would NOT be refused at the next start");
+        }
     }
     let history = prepared.keystore.history().to_vec();
     let kdf = prepared.keystore.kdf().clone();
