@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use crate::key_id::KeyId;
 use crate::keyring::usage::{UsageError, UsageFile};
 use crate::keystore::backend::etcd::nodes;
-use crate::keystore::backend::{RecordKey, Scrubbed, UsageOrEtcdError};
+use crate::keystore::backend::{Scrubbed, UsageOrEtcdError};
 use crate::keystore::{
     Actor, DestroyEvidence, DestroyGuard, HistoryEntry, KeyState, Keystore, KeystoreError,
     KeystoreLocation, RootKeyError, RootKeyProvider, RootKeySource, Store,
@@ -263,20 +263,13 @@ impl Opened {
         })
     }
 
-    /// The key that authenticates node records of this keystore (derived from its root key).
-    pub async fn record_key(&self) -> Result<RecordKey, AdminError> {
-        let ks = self.store.load(&self.root).await?;
-        let root = self.root.key_for(ks.kdf())?;
-        Ok(RecordKey::derive(&root).map_err(KeystoreError::from)?)
-    }
-
     /// Decrypt usage: the usage file beside a file keystore, or every node's report summed
     /// for an etcd keystore.
     pub async fn usage(&self) -> Result<UsageFile, AdminError> {
-        let key = self.record_key().await?;
-        self.store.usage(&key).await.map_err(|e| match e {
+        self.store.usage(&self.root).await.map_err(|e| match e {
             UsageOrEtcdError::Usage(e) => AdminError::Usage(e),
             UsageOrEtcdError::Etcd(e) => AdminError::Etcd(e),
+            UsageOrEtcdError::Keystore(e) => AdminError::Keystore(*e),
         })
     }
 }
@@ -356,34 +349,30 @@ pub async fn keys_rotate(
 ) -> Result<Printed, AdminError> {
     let actor = Actor::current();
     let name = o.store.location();
-    let records = o.record_key().await?;
-    match (o.store.nodes(&records), stage) {
-        (_, true) => {
-            let id = o
-                .store
-                .update(&o.root, |ks| Ok(ks.stage(now(), &actor)?))
-                .await?;
-            Ok(Printed::out(format!("{id}\n"))
-                .with_note(o.store.staged_hint(id.as_str()))
-                .committed(format!("staged {id} in {}", name)))
-        }
-        (None, false) => {
-            let id = o
-                .store
-                .update(&o.root, |ks| Ok(ks.rotate(now(), &actor)?))
-                .await?;
-            Ok(Printed::out(format!("{id}\n"))
-                .with_note(format!(
-                    "rotated: {id} is now primary in {}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds.",
-                    name
-                ))
-                .committed(format!("rotated {}: new primary {id}", name)))
-        }
-        (Some(cluster), false) => {
-            let id = o
-                .store
-                .update(&o.root, |ks| Ok(ks.stage(now(), &actor)?))
-                .await?;
+    // A shared keystore rotates in two phases: stage, wait for every node, promote.
+    let cluster = if stage {
+        None
+    } else {
+        o.store.nodes(&o.root).await?
+    };
+    let id = o
+        .store
+        .update(&o.root, |ks| {
+            Ok(if stage || cluster.is_some() {
+                ks.stage(now(), &actor)?
+            } else {
+                ks.rotate(now(), &actor)?
+            })
+        })
+        .await?;
+    if stage {
+        return Ok(Printed::out(format!("{id}\n"))
+            .with_note(o.store.staged_hint(id.as_str()))
+            .committed(format!("staged {id} in {name}")));
+    }
+    let note = match cluster {
+        None => format!("rotated: {id} is now primary in {name}; the previous primary is retired and still decrypts. A running server picks this up within 2 seconds."),
+        Some(cluster) => {
             let started = std::time::Instant::now();
             loop {
                 let live = cluster.list().await?;
@@ -403,14 +392,12 @@ pub async fn keys_rotate(
             o.store
                 .update(&o.root, |ks| Ok(ks.promote(id.as_str(), now(), &actor)?))
                 .await?;
-            Ok(Printed::out(format!("{id}\n"))
-                .with_note(format!(
-                    "rotated: every live node loaded {id} before it was promoted; it is now primary in {}",
-                    name
-                ))
-                .committed(format!("rotated {}: new primary {id}", name)))
+            format!("rotated: every live node loaded {id} before it was promoted; it is now primary in {name}")
         }
-    }
+    };
+    Ok(Printed::out(format!("{id}\n"))
+        .with_note(note)
+        .committed(format!("rotated {name}: new primary {id}")))
 }
 
 /// A change to one KEK's state, as the `keys` subcommands name it.
@@ -585,8 +572,7 @@ pub struct NodeListing {
 
 /// `localkms nodes`.
 pub async fn nodes_list(o: &Opened, json: bool) -> Result<Printed, AdminError> {
-    let records = o.record_key().await?;
-    let Some(cluster) = o.store.nodes(&records) else {
+    let Some(cluster) = o.store.nodes(&o.root).await? else {
         return Err(AdminError::NeedsEtcd("localkms nodes"));
     };
     let ks = o.store.load(&o.root).await?;

@@ -36,12 +36,12 @@ pub struct GuardConfig {
 }
 
 impl GuardConfig {
-    /// Requests one peer uid may have in flight.
-    pub fn per_peer_limit(&self) -> usize {
-        if self.max_in_flight_share >= 1.0 {
-            return self.max_in_flight;
-        }
-        ((self.max_in_flight as f64 * self.max_in_flight_share).floor() as usize).max(1)
+    /// Requests one peer uid may have in flight; `None` when the share does not limit
+    /// anything beyond `max_in_flight` (then the per-peer count is not kept at all).
+    pub fn per_peer_limit(&self) -> Option<usize> {
+        let limit =
+            ((self.max_in_flight as f64 * self.max_in_flight_share).floor() as usize).max(1);
+        (limit < self.max_in_flight).then_some(limit)
     }
 }
 
@@ -53,6 +53,8 @@ type PeerCounts = Arc<Mutex<HashMap<u32, usize>>>;
 pub struct GuardLayer {
     permits: Arc<Semaphore>,
     per_peer: PeerCounts,
+    /// [`GuardConfig::per_peer_limit`], worked out once.
+    per_peer_limit: Option<usize>,
     config: Arc<GuardConfig>,
 }
 
@@ -62,6 +64,7 @@ impl GuardLayer {
         GuardLayer {
             permits: Arc::new(Semaphore::new(config.max_in_flight)),
             per_peer: PeerCounts::default(),
+            per_peer_limit: config.per_peer_limit(),
             config: Arc::new(config),
         }
     }
@@ -82,6 +85,7 @@ impl<S> Layer<S> for GuardLayer {
             inner,
             permits: Arc::clone(&self.permits),
             per_peer: Arc::clone(&self.per_peer),
+            per_peer_limit: self.per_peer_limit,
             config: Arc::clone(&self.config),
         }
     }
@@ -93,6 +97,7 @@ pub struct Guard<S> {
     inner: S,
     permits: Arc<Semaphore>,
     per_peer: PeerCounts,
+    per_peer_limit: Option<usize>,
     config: Arc<GuardConfig>,
 }
 
@@ -228,11 +233,13 @@ where
         let rejected = not_grpc(&req);
         let permit = Arc::clone(&self.permits).try_acquire_owned();
         let config = Arc::clone(&self.config);
-        let peer_slot = match (&rejected, &permit) {
-            (None, Ok(_)) => {
-                PeerSlot::try_take(&self.per_peer, uid, config.per_peer_limit()).ok_or(())
-            }
-            _ => Err(()),
+        // Without a per-peer limit no slot is taken (and no lock touched): `Ok(None)`.
+        let peer_slot = match (&rejected, &permit, self.per_peer_limit) {
+            (None, Ok(_), None) => Ok(None),
+            (None, Ok(_), Some(limit)) => PeerSlot::try_take(&self.per_peer, uid, limit)
+                .map(Some)
+                .ok_or(limit),
+            (_, _, limit) => Err(limit.unwrap_or(0)),
         };
         Box::pin(async move {
             let _open = open;
@@ -244,9 +251,8 @@ where
                     config.max_in_flight
                 ))
                 .into_http(),
-                (None, Ok(_), Err(())) => Status::resource_exhausted(format!(
-                    "server busy: peer uid {uid} already has {} requests in flight, its share (--max-in-flight-share) of --max-in-flight; retry shortly",
-                    config.per_peer_limit()
+                (None, Ok(_), Err(limit)) => Status::resource_exhausted(format!(
+                    "server busy: peer uid {uid} already has {limit} requests in flight, its share (--max-in-flight-share) of --max-in-flight; retry shortly"
                 ))
                 .into_http(),
                 (None, Ok(_permit), Ok(_slot)) => {
@@ -338,9 +344,9 @@ mod tests {
             timeout: Duration::from_secs(1),
             metrics: Arc::new(Metrics::new()),
         };
-        assert_eq!(config(0.5).per_peer_limit(), 32);
-        assert_eq!(config(1.0).per_peer_limit(), 64);
-        assert_eq!(config(0.001).per_peer_limit(), 1);
+        assert_eq!(config(0.5).per_peer_limit(), Some(32));
+        assert_eq!(config(1.0).per_peer_limit(), None);
+        assert_eq!(config(0.001).per_peer_limit(), Some(1));
         let counts = PeerCounts::default();
         let a: Vec<_> = (0..2)
             .map(|_| PeerSlot::try_take(&counts, 7, 2).expect("slot"))

@@ -243,8 +243,9 @@ impl Prepared {
 }
 
 /// Everything `serve` checks before it binds: socket exposure, the keystore's owner and mode,
-/// the metrics address rule, the root key, and the keystore itself (from etcd, or its cache).
-/// Makes no change on disk.
+/// the metrics address rule, the root key, the keystore itself (from etcd, or its cache) and
+/// this node's high-water mark. Writes nothing but an etcd keystore's existing cache, which
+/// it refreshes as `serve` would.
 pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServerError> {
     check_socket_exposure(config)?;
     if config.require_mlock && !crate::crypto::can_lock_keys() {
@@ -416,7 +417,7 @@ pub async fn serve(
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = Vec::new();
-    if let Some(nodes) = store.nodes(&record_key) {
+    if let Some(nodes) = store.nodes_with(&record_key) {
         if config.cache_dir.is_none() {
             tracing::warn!("no --cache-dir: this server cannot start while etcd is unreachable");
         }

@@ -196,11 +196,22 @@ impl Store {
 
     /// The other servers sharing this keystore, when it is shared; their records are
     /// authenticated with `key` (see [`RecordKey`]).
-    pub fn nodes(&self, key: &RecordKey) -> Option<Nodes> {
+    pub fn nodes_with(&self, key: &RecordKey) -> Option<Nodes> {
         match &self.kind {
             Kind::File(_) => None,
             Kind::Etcd(e) => Some(Nodes::new(e.clone(), key.clone())),
         }
+    }
+
+    /// As [`Store::nodes_with`], deriving the record key from the keystore under `root`
+    /// (read only when the keystore is shared: a file keystore has no node records).
+    pub async fn nodes(&self, root: &RootKeyProvider) -> Result<Option<Nodes>, KeystoreError> {
+        if !self.is_shared() {
+            return Ok(None);
+        }
+        let ks = self.load(root).await?;
+        let key = RecordKey::derive(&*root.key_for(ks.kdf())?)?;
+        Ok(self.nodes_with(&key))
     }
 
     /// The sealed bytes and, for etcd, their modification revision.
@@ -471,14 +482,15 @@ impl Store {
 
     /// Decrypt usage as the commands see it: the usage file beside a file keystore, or every
     /// live node's authenticated report summed for an etcd keystore.
-    pub async fn usage(&self, key: &RecordKey) -> Result<UsageFile, UsageOrEtcdError> {
-        match &self.kind {
-            Kind::File(p) => Ok(crate::keyring::usage::read_usage(
+    pub async fn usage(&self, root: &RootKeyProvider) -> Result<UsageFile, UsageOrEtcdError> {
+        if let Kind::File(p) = &self.kind {
+            return Ok(crate::keyring::usage::read_usage(
                 &crate::keyring::usage::usage_path(p),
-            )?),
-            Kind::Etcd(e) => Ok(etcd::nodes::merged_usage(
-                &Nodes::new(e.clone(), key.clone()).list().await?,
-            )),
+            )?);
+        }
+        match self.nodes(root).await.map_err(Box::new)? {
+            Some(nodes) => Ok(etcd::nodes::merged_usage(&nodes.list().await?)),
+            None => Ok(UsageFile::default()),
         }
     }
 
@@ -534,6 +546,9 @@ pub enum Scrubbed {
 /// Why usage could not be gathered.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageOrEtcdError {
+    /// The keystore (needed to authenticate node records) could not be read.
+    #[error(transparent)]
+    Keystore(#[from] Box<KeystoreError>),
     /// The usage file is unreadable.
     #[error(transparent)]
     Usage(#[from] UsageError),

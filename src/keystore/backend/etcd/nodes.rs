@@ -40,17 +40,18 @@ pub struct NodeRecord {
 /// must not count: each is MACed with HMAC-SHA256 under a key derived (HKDF, its own label)
 /// from the keystore's root key, which only the nodes and operators hold.
 #[derive(Clone)]
-pub struct RecordKey(std::sync::Arc<crate::crypto::SecretKey>);
+pub struct RecordKey(std::sync::Arc<ring::hmac::Key>);
 
 impl RecordKey {
-    /// The record key for a keystore sealed under `root`.
+    /// The record key for a keystore sealed under `root`. The derived bytes live only in a
+    /// wiping key type until ring has taken them into its HMAC state (which ring does not
+    /// wipe: one copy, held for the key's life, rather than one per record).
     pub fn derive(root: &crate::keystore::RootKey) -> Result<Self, crate::crypto::CryptoError> {
-        crate::crypto::derive_key(root.key(), b"", b"localkms/node-records/v1")
-            .map(|k| RecordKey(std::sync::Arc::new(k)))
-    }
-
-    fn key(&self) -> ring::hmac::Key {
-        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.0.expose())
+        let derived = crate::crypto::derive_key(root.key(), b"", b"localkms/node-records/v1")?;
+        Ok(RecordKey(std::sync::Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            derived.expose(),
+        ))))
     }
 
     /// The bytes the MAC covers: the record without its MAC. A plain struct of strings,
@@ -63,7 +64,7 @@ impl RecordKey {
 
     /// Sets `record.mac`.
     pub fn sign(&self, record: &mut NodeRecord) {
-        let tag = ring::hmac::sign(&self.key(), &Self::signed_bytes(record));
+        let tag = ring::hmac::sign(&self.0, &Self::signed_bytes(record));
         record.mac = Some(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect());
     }
 
@@ -75,7 +76,7 @@ impl RecordKey {
         let Some(tag) = unhex(mac) else {
             return false;
         };
-        ring::hmac::verify(&self.key(), &Self::signed_bytes(record), &tag).is_ok()
+        ring::hmac::verify(&self.0, &Self::signed_bytes(record), &tag).is_ok()
     }
 }
 
