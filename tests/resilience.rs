@@ -692,3 +692,42 @@ fn a_read_only_keystore_directory_still_serves() {
         server.log_text()
     );
 }
+
+/// A FIFO at the usage file or the high-water state file wedges nothing: the usage FIFO is
+/// moved aside like any unreadable usage file, the state-file FIFO is refused by name.
+#[test]
+fn fifos_at_the_state_files_are_not_waited_on() {
+    let ws = Workspace::new();
+    let beside = |suffix: &str| {
+        let mut p = ws.keystore.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let usage = beside(".usage.json");
+    let _ = std::fs::remove_file(&usage);
+    mkfifo(&usage);
+    let server = ws.serve();
+    assert!(
+        server.log_text().contains("moved it aside"),
+        "{}",
+        server.log_text()
+    );
+    drop(server);
+
+    let mark = beside(".high-water.json");
+    std::fs::remove_file(&mark).expect("rm mark");
+    mkfifo(&mark);
+    let start = Instant::now();
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args());
+    let (status, err) = common::run_to_exit(cmd);
+    assert!(!status.success());
+    assert!(start.elapsed() < Duration::from_secs(15));
+    assert!(
+        err.contains("high-water.json") && err.contains("a FIFO"),
+        "{err}"
+    );
+}

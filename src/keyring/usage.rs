@@ -90,7 +90,7 @@ pub fn usage_path(keystore: &Path) -> PathBuf {
 
 /// Reads the usage file; a missing file is empty usage.
 pub fn read_usage(path: &Path) -> Result<UsageFile, UsageError> {
-    match std::fs::read(path) {
+    match crate::keystore::read_regular(path, 16 * 1024 * 1024) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| UsageError::Parse {
             path: path.to_owned(),
             source,

@@ -157,6 +157,23 @@ pub(crate) fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::F
     Ok(file)
 }
 
+/// Reads a small regular file (a state file, a usage file, a certificate) through
+/// [`open_regular`], so a FIFO or a device planted at the path is refused instead of wedging the
+/// reader, and refuses one longer than `max` bytes.
+pub(crate) fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// A file type in words, for error messages.
 pub(crate) fn describe(kind: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;

@@ -52,7 +52,7 @@ impl HighWater {
     }
 
     fn read(&self) -> Result<Option<Mark>, KeystoreError> {
-        match std::fs::read(&self.path) {
+        match crate::keystore::read_regular(&self.path, 64 * 1024) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|e| KeystoreError::Io {

@@ -186,7 +186,7 @@ impl EtcdTls {
 
     fn config(&self) -> Result<ClientTlsConfig, EtcdError> {
         let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|source| EtcdError::TlsFile {
+            crate::keystore::read_regular(p, 1024 * 1024).map_err(|source| EtcdError::TlsFile {
                 path: p.clone(),
                 source,
             })
