@@ -396,7 +396,23 @@ impl Lock {
         let mut name = keystore.as_os_str().to_owned();
         name.push(".lock");
         let lock_path = PathBuf::from(name);
-        // Non-blocking, so a FIFO planted at the lock path fails instead of hanging.
+        let not_a_file = |kind: std::fs::FileType| KeystoreError::Io {
+            path: lock_path.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the lock file is {}, not a regular file; remove it",
+                    crate::keystore::describe(kind)
+                ),
+            ),
+        };
+        // Said by name before opening (opening a FIFO for writing with no reader fails with a
+        // puzzling ENXIO); the open is non-blocking anyway, and checked again after.
+        if let Ok(meta) = std::fs::metadata(&lock_path) {
+            if !meta.is_file() {
+                return Err(not_a_file(meta.file_type()));
+            }
+        }
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -407,16 +423,7 @@ impl Lock {
             .map_err(io_err(&lock_path))?;
         let kind = file.metadata().map_err(io_err(&lock_path))?.file_type();
         if !kind.is_file() {
-            return Err(KeystoreError::Io {
-                path: lock_path,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "the lock file is {}, not a regular file; remove it",
-                        crate::keystore::describe(kind)
-                    ),
-                ),
-            });
+            return Err(not_a_file(kind));
         }
         Ok((file, lock_path))
     }
@@ -574,6 +581,23 @@ mod tests {
             load(&path, &root()),
             Err(KeystoreError::Corrupted { .. })
         ));
+    }
+
+    #[test]
+    fn a_fifo_at_the_lock_path_is_named_not_waited_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keystore");
+        let lock = dir.path().join("keystore.lock");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &lock,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let err = Lock::acquire(&path).err().expect("refused");
+        assert!(err.to_string().contains("the lock file is a FIFO"), "{err}");
     }
 
     #[test]
