@@ -25,6 +25,7 @@ pub mod crypto;
 pub mod key_id;
 pub mod keyring;
 pub mod keystore;
+pub mod recovery;
 mod reload;
 pub mod server;
 pub mod telemetry;

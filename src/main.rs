@@ -1,7 +1,10 @@
 //! The `localkms` command: parse the CLI, start logging, dispatch, map errors to exit codes.
 
 use clap::Parser;
-use localkms::cli::output::{error_line, OutputError, EXIT_COMMITTED_OUTPUT_FAILED};
+use localkms::cli::output::{
+    error_line, OutputError, EXIT_BACKUP_BEHIND, EXIT_COMMITTED_OUTPUT_FAILED,
+};
+use localkms::cli::recovery::RecoveryError;
 use localkms::cli::{hardening, Cli};
 use localkms::telemetry::{self, LogFormat};
 
@@ -25,6 +28,13 @@ fn main() -> std::process::ExitCode {
             match e.downcast_ref::<OutputError>() {
                 Some(OutputError::AfterCommit { .. }) => {
                     std::process::ExitCode::from(EXIT_COMMITTED_OUTPUT_FAILED)
+                }
+                _ if matches!(
+                    e.downcast_ref::<RecoveryError>(),
+                    Some(RecoveryError::Behind(_))
+                ) =>
+                {
+                    std::process::ExitCode::from(EXIT_BACKUP_BEHIND)
                 }
                 _ => std::process::ExitCode::FAILURE,
             }

@@ -66,6 +66,8 @@ pub(crate) struct Reloader {
     high_water: Option<crate::keystore::backend::high_water::HighWater>,
     /// The key derivation of the keystore in use: a change waits for SIGHUP or a restart.
     kdf: std::sync::Mutex<Option<crate::keystore::Kdf>>,
+    /// Backs up every keystore before it is swapped in (`--backup-dir`).
+    backups: Option<Arc<crate::recovery::backup::Backups>>,
 }
 
 impl Reloader {
@@ -92,6 +94,7 @@ impl Reloader {
             check_files: true,
             high_water: None,
             kdf: std::sync::Mutex::new(None),
+            backups: None,
         }
     }
 
@@ -128,6 +131,17 @@ impl Reloader {
     pub(crate) fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
         self.usage_path = self.store.usage_path(dir.as_deref());
         self.cache_dir = dir;
+        self
+    }
+
+    /// Backs up every keystore accepted, before its keyring is swapped in, so no key
+    /// encrypts data before a backup holding it exists (a failed backup is logged and
+    /// counted; the swap goes ahead).
+    pub(crate) fn with_backups(
+        mut self,
+        backups: Option<Arc<crate::recovery::backup::Backups>>,
+    ) -> Self {
+        self.backups = backups;
         self
     }
 
@@ -176,6 +190,7 @@ impl Reloader {
                 return ReloadOutcome::Refused(e.to_string());
             }
         }
+        let backup = self.backups.as_ref().and_then(|b| b.seal_logged(&ks));
         let history = ks.history().to_vec();
         let (generation, write_id, keystore_id) =
             (ks.generation(), ks.write_id(), ks.keystore_id());
@@ -196,6 +211,9 @@ impl Reloader {
             return ReloadOutcome::Refused(
                 "the new keyring failed its self-test round trip".to_owned(),
             );
+        }
+        if let (Some(b), Some(sealed)) = (&self.backups, &backup) {
+            blocking(|| b.store_logged(sealed));
         }
         self.keyring.store(next);
         *self.kdf.lock().unwrap_or_else(|e| e.into_inner()) = Some(new_kdf);

@@ -649,6 +649,88 @@ fn keystore_copy_moves_a_file_keystore_into_etcd_and_back_unchanged() {
     );
 }
 
+#[test]
+fn a_backup_restores_into_etcd_and_merges_into_it() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let url = etcd.url("restored");
+    let ws = common::Workspace::new();
+    assert!(ws.keys(&["rotate"]).status.success());
+    let dir = ws.dir.path();
+    let identity = dir.join("id.txt");
+    let recipient = ok(&localkms(&[
+        "recovery",
+        "keygen",
+        "--out",
+        identity.to_str().expect("utf8"),
+    ]));
+    let backup = dir.join("b.age");
+    let ks = ws.keystore_args();
+    let mut export = vec![
+        "keystore",
+        "export",
+        "--recipient",
+        recipient.trim(),
+        "--out",
+        backup.to_str().expect("utf8"),
+    ];
+    export.extend(ks.iter().map(String::as_str));
+    ok(&localkms(&export));
+    let new_root = dir.join("etcd-root.key");
+    let import = |extra: &[&str]| {
+        let mut args = vec![
+            "keystore",
+            "import",
+            "--in",
+            backup.to_str().expect("utf8"),
+            "--identity",
+            identity.to_str().expect("utf8"),
+            "--keystore",
+            &url,
+            "--etcd-insecure",
+            "--root-key-file",
+            new_root.to_str().expect("utf8"),
+        ];
+        args.extend_from_slice(extra);
+        localkms(&args)
+    };
+    ok(&import(&[]));
+    let listed = |keystore: &str, root: &str| {
+        let mut args = vec![
+            "keys",
+            "list",
+            "--json",
+            "--keystore",
+            keystore,
+            "--root-key-file",
+            root,
+        ];
+        if keystore.starts_with("etcd://") {
+            args.push("--etcd-insecure");
+        }
+        let v: serde_json::Value = serde_json::from_str(&ok(&localkms(&args))).expect("json");
+        v["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .map(|k| format!("{} {}", k["id"], k["state"]))
+            .collect::<Vec<_>>()
+    };
+    let rk = ws.root_key.to_str().expect("utf8");
+    let nr = new_root.to_str().expect("utf8");
+    assert_eq!(
+        listed(&url, nr),
+        listed(ws.keystore.to_str().expect("utf8"), rk)
+    );
+    // A second import onto it is refused; a merge adds nothing and changes nothing.
+    let out = import(&[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let merged = ok(&import(&["--merge"]));
+    assert!(merged.contains("0 key(s) added"), "{merged}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_three_member_etcd_keeps_working_without_one_member() {
     if !etcd_available() {

@@ -44,7 +44,7 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Check a keystore file without serving it.
+    /// Check, copy, back up (export) and restore (import) a keystore.
     Keystore {
         /// What to check.
         #[command(subcommand)]
@@ -64,6 +64,12 @@ pub enum Command {
         /// What to do with the root key.
         #[command(subcommand)]
         command: RootKeyCommand,
+    },
+    /// Recovery identities: create one, split it among several people, rebuild it.
+    Recovery {
+        /// What to do.
+        #[command(subcommand)]
+        command: RecoveryCommand,
     },
     /// Print the Status of any KMS v2 plugin.
     Status {
@@ -195,6 +201,115 @@ pub enum KeystoreCommand {
         #[command(flatten)]
         etcd: EtcdTlsArgs,
     },
+    /// Write an age-encrypted backup of every KEK (with states and history) that the `age`
+    /// CLI or `keystore import` can open with the recovery identity.
+    Export {
+        /// The keystore to back up.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// Who can open the backup.
+        #[command(flatten)]
+        to: SealArgs,
+        /// The backup file to write (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restore a backup into a new keystore sealed under the given root key (created if
+    /// missing), or merge its missing keys into an existing one.
+    Import {
+        /// The backup file.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// What opens the backup.
+        #[command(flatten)]
+        with: OpenArgs,
+        /// The keystore to create (or merge into) and its root key.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// Add the backup's keys missing from an existing keystore; keys it already has are
+        /// left as they are, and a key with the same id but other material refuses the merge.
+        #[arg(long)]
+        merge: bool,
+        /// Accept a backup of another keystore (another `init`) than the target.
+        #[arg(long)]
+        allow_different_keystore: bool,
+    },
+    /// Check that a backup opens, is intact and holds every live KEK with identical material.
+    /// Exit 0: it does; 5: it is behind (keys made after it); 1: anything else.
+    VerifyBackup {
+        /// The backup file.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// What opens the backup.
+        #[command(flatten)]
+        with: OpenArgs,
+        /// The live keystore to compare with.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+}
+
+/// `recovery` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RecoveryCommand {
+    /// Create a recovery identity (an age X25519 key) and print its recipient (`age1…`).
+    Keygen {
+        /// Where to write the identity (mode 0600; never overwritten). Keep it offline.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Split an identity into N share files, any K of which rebuild it.
+    Split {
+        /// The identity file to split.
+        #[arg(long)]
+        identity: PathBuf,
+        /// How many shares (N, at most 255).
+        #[arg(long)]
+        shares: usize,
+        /// How many rebuild it (K, at least 2).
+        #[arg(long)]
+        threshold: usize,
+        /// Directory for the share files (created 0700; share-N-of-M.txt, never overwritten).
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Rebuild an identity from K share files.
+    Combine {
+        /// Where to write the rebuilt identity (mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// The share files.
+        #[arg(required = true, value_name = "SHARE")]
+        shares: Vec<PathBuf>,
+    },
+}
+
+/// Who can open a backup: age recipients, or one passphrase (age allows a passphrase only as
+/// the sole recipient).
+#[derive(Debug, Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct SealArgs {
+    /// An age recipient (`age1…`) to encrypt to; repeatable, any one of them opens it.
+    #[arg(long, value_parser = crate::recovery::sealing::parse_recipient)]
+    pub recipient: Vec<age::x25519::Recipient>,
+    /// Encrypt to the passphrase in this file (owner-only) instead.
+    #[arg(long)]
+    pub backup_passphrase_file: Option<PathBuf>,
+}
+
+/// What opens a backup.
+#[derive(Debug, Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct OpenArgs {
+    /// The recovery identity file (from `recovery keygen`, `recovery combine` or `age-keygen`).
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// For a backup encrypted to a passphrase: the file holding it.
+    #[arg(long)]
+    pub backup_passphrase_file: Option<PathBuf>,
 }
 
 /// `root-key` subcommands.
@@ -393,6 +508,19 @@ pub struct ServeArgs {
     /// unusual setups only; the check exists because the keystore holds every KEK.
     #[arg(long)]
     pub insecure_skip_file_checks: bool,
+    /// Write an age-encrypted backup of the keystore to this directory for every generation
+    /// loaded, before it is used (needs --backup-recipient or --backup-passphrase-file).
+    #[arg(long, env = "LOCALKMS_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// Recovery recipient (`age1…`) the backups are encrypted to; repeatable.
+    #[arg(long, env = "LOCALKMS_BACKUP_RECIPIENT", value_delimiter = ',', value_parser = crate::recovery::sealing::parse_recipient, requires = "backup_dir", conflicts_with = "backup_passphrase_file")]
+    pub backup_recipient: Vec<age::x25519::Recipient>,
+    /// Encrypt backups to the passphrase in this file instead of recipients.
+    #[arg(long, env = "LOCALKMS_BACKUP_PASSPHRASE_FILE", requires = "backup_dir")]
+    pub backup_passphrase_file: Option<PathBuf>,
+    /// How many backups to keep (the current generation's is always kept).
+    #[arg(long, env = "LOCALKMS_BACKUP_KEEP", default_value_t = crate::recovery::backup::DEFAULT_KEEP, value_parser = parse_positive)]
+    pub backup_keep: usize,
     /// Validate the flags, the root key and the keystore (and that the socket could be
     /// bound), print what would be served, and exit without serving.
     #[arg(long)]

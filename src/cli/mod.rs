@@ -1,5 +1,5 @@
 //! The command line: clap definitions ([`args`]), what each command does ([`run`]), the
-//! keystore commands ([`admin`]), `serve --dev` ([`dev`]), how answers are written
+//! keystore commands ([`admin`]), backup and recovery ([`recovery`]), `serve --dev` ([`dev`]), how answers are written
 //! ([`output`]), and the process hardening every command applies first ([`hardening`]).
 
 pub mod admin;
@@ -7,6 +7,7 @@ mod args;
 pub mod dev;
 pub mod hardening;
 pub mod output;
+pub mod recovery;
 mod run;
 
 pub use args::*;

@@ -8,6 +8,10 @@ use std::io::Write;
 /// keystore holds the change (see `localkms keys history`); only the printout is lost.
 pub const EXIT_COMMITTED_OUTPUT_FAILED: u8 = 4;
 
+/// Exit code of `keystore verify-backup` when the backup opens and matches but lacks keys made
+/// after it: "make a new backup", as opposed to 1, "this backup is broken".
+pub const EXIT_BACKUP_BEHIND: u8 = 5;
+
 /// An answer that could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {

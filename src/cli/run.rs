@@ -7,10 +7,12 @@ use anyhow::{anyhow, Context};
 
 use super::admin::{self, KeyChange};
 use super::args::{
-    Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RootArgs, RootKeyCommand, ServeArgs,
+    Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RecoveryCommand, RootArgs,
+    RootKeyCommand, ServeArgs,
 };
 use super::dev;
 use super::output as cli_output;
+use super::recovery;
 use crate::client;
 use crate::keystore::{KeystoreLocation, RootKeySource};
 use crate::server::{self, ServeConfig};
@@ -79,6 +81,48 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     &source(&root)?,
                     &etcd.tls(),
                 ))?,
+                KeystoreCommand::Export {
+                    keystore: args,
+                    to,
+                    out,
+                    force,
+                } => {
+                    let to =
+                        recovery::recipients(&to.recipient, to.backup_passphrase_file.as_deref())?;
+                    rt.block_on(recovery::export(&opened(&args)?, &to, &out, force))?
+                }
+                KeystoreCommand::Import {
+                    input,
+                    with,
+                    keystore: args,
+                    merge,
+                    allow_different_keystore,
+                } => {
+                    let with = recovery::opener(
+                        with.identity.as_deref(),
+                        with.backup_passphrase_file.as_deref(),
+                    )?;
+                    rt.block_on(recovery::import(recovery::ImportRequest {
+                        input: &input,
+                        with: &with,
+                        location: &location(&args.keystore)?,
+                        source: &source(&args.root)?,
+                        tls: &args.etcd.tls(),
+                        merge,
+                        allow_different_keystore,
+                    }))?
+                }
+                KeystoreCommand::VerifyBackup {
+                    input,
+                    with,
+                    keystore: args,
+                } => {
+                    let with = recovery::opener(
+                        with.identity.as_deref(),
+                        with.backup_passphrase_file.as_deref(),
+                    )?;
+                    rt.block_on(recovery::verify_backup(&opened(&args)?, &input, &with))?
+                }
             };
             print(printed)
         }
@@ -103,6 +147,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print(runtime()?.block_on(admin::root_key_rotate(&opened(&args)?, &new_source))?)
         }
+        Command::Recovery { command } => print(match command {
+            RecoveryCommand::Keygen { out } => recovery::keygen(&out)?,
+            RecoveryCommand::Split {
+                identity,
+                shares,
+                threshold,
+                out_dir,
+            } => recovery::split(&identity, shares, threshold, &out_dir)?,
+            RecoveryCommand::Combine { out, shares } => recovery::combine(&out, &shares)?,
+        }),
         Command::Status { socket, json } => {
             let report = runtime()?.block_on(client::status(&socket.socket))?;
             println_out(if json {
@@ -284,6 +338,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         metrics_allow_non_loopback: args.metrics_allow_non_loopback,
         insecure_skip_file_checks: args.insecure_skip_file_checks,
+        backup: match &args.backup_dir {
+            None => None,
+            Some(dir) => {
+                if args.backup_recipient.is_empty() && args.backup_passphrase_file.is_none() {
+                    return Err(anyhow!("--backup-dir {} needs --backup-recipient age1… (from `localkms recovery keygen`) or --backup-passphrase-file: backups are always encrypted", dir.display()));
+                }
+                Some(crate::recovery::backup::BackupConfig {
+                    dir: dir.clone(),
+                    recipients: recovery::recipients(
+                        &args.backup_recipient,
+                        args.backup_passphrase_file.as_deref(),
+                    )?,
+                    keep: args.backup_keep,
+                })
+            }
+        },
     };
     let rt = runtime()?;
     if args.check_config {

@@ -108,6 +108,10 @@ pub enum KeystoreError {
         /// The state file.
         state: Box<std::path::Path>,
     },
+    /// The command's own rule refused the change (the message says which and what to do);
+    /// nothing was written.
+    #[error("{0}")]
+    Refused(String),
     /// Concurrent writers kept winning the compare-and-swap.
     #[error(
         "keystore {0} kept changing under us ({1} attempts); another writer is busy: try again"

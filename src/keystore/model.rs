@@ -36,6 +36,11 @@ impl KeyState {
         }
     }
 
+    /// The state named `name` (as [`KeyState::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     /// Every state, for metrics and listings.
     pub const ALL: [KeyState; 5] = [
         KeyState::Staged,
@@ -103,6 +108,8 @@ pub enum Action {
     RootKeyRotate,
     /// The server rotated on its `--rotate-after` schedule.
     ScheduledRotation,
+    /// The keystore was restored (or KEKs merged into it) from a backup by `keystore import`.
+    Import,
 }
 
 impl Action {
@@ -118,7 +125,28 @@ impl Action {
             Action::Destroy => "destroy",
             Action::RootKeyRotate => "root-key-rotate",
             Action::ScheduledRotation => "scheduled-rotation",
+            Action::Import => "import",
         }
+    }
+
+    /// Every action, to parse the names back ([`Action::parse`]).
+    pub const ALL: [Action; 10] = [
+        Action::Init,
+        Action::Create,
+        Action::Stage,
+        Action::Promote,
+        Action::Disable,
+        Action::Enable,
+        Action::Destroy,
+        Action::RootKeyRotate,
+        Action::ScheduledRotation,
+        Action::Import,
+    ];
+
+    /// The action named `name` (as [`Action::as_str`] writes it): backups store names, not
+    /// codes, so an operator can read them without localkms.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == name)
     }
 
     pub(crate) fn code(self) -> u8 {
@@ -132,6 +160,7 @@ impl Action {
             Action::Destroy => 7,
             Action::RootKeyRotate => 8,
             Action::ScheduledRotation => 9,
+            Action::Import => 10,
         }
     }
 
@@ -146,6 +175,7 @@ impl Action {
             7 => Action::Destroy,
             8 => Action::RootKeyRotate,
             9 => Action::ScheduledRotation,
+            10 => Action::Import,
             _ => return None,
         })
     }
@@ -649,7 +679,7 @@ impl Keystore {
                 }
                 Action::Create | Action::Stage => staged.push(k),
                 Action::Disable | Action::Destroy => staged.retain(|s| *s != k),
-                Action::Enable | Action::RootKeyRotate => {}
+                Action::Enable | Action::RootKeyRotate | Action::Import => {}
             }
         }
         let truncated = self.history.len() >= HISTORY_KEPT;
@@ -703,7 +733,7 @@ impl Keystore {
             .ok_or_else(|| LifecycleError::UnknownKey(id.chars().take(80).collect()))
     }
 
-    fn record(
+    pub(crate) fn record(
         &mut self,
         now: OffsetDateTime,
         action: Action,

@@ -203,6 +203,8 @@ pub struct ServeConfig {
     pub metrics_allow_non_loopback: bool,
     /// Skip the keystore ownership and mode check (loudly).
     pub insecure_skip_file_checks: bool,
+    /// Continuous backup of every keystore generation loaded (`--backup-dir`).
+    pub backup: Option<crate::recovery::backup::BackupConfig>,
 }
 
 /// Refuses a socket file every local user may connect to with no caller allow list, unless
@@ -357,6 +359,15 @@ pub async fn serve(
             tracing::warn!(error = %e, state = %mark.path().display(), "cannot write this node's high-water mark: a restored backup or an old etcd revision would NOT be refused at the next start");
         }
     }
+    // The backup of the generation about to be served is written before its keyring encrypts
+    // anything; a failure is logged and counted, and serving goes on.
+    let backups = config
+        .backup
+        .clone()
+        .map(|c| Arc::new(crate::recovery::backup::Backups::new(c, Arc::default())));
+    if let Some(b) = &backups {
+        crate::keystore::backend::blocking(|| b.write_logged(&prepared.keystore));
+    }
     let history = prepared.keystore.history().to_vec();
     let kdf = prepared.keystore.kdf().clone();
     let record_key = prepared
@@ -373,10 +384,12 @@ pub async fn serve(
         .unwrap_or_default();
     let keyring = SharedKeyring::new(ring);
     let reload_counters = Arc::new(crate::reload::ReloadCounters::default());
-    let metrics = Arc::new(
-        Metrics::for_store(store.is_shared())
-            .with_state(keyring.clone(), Arc::clone(&reload_counters)),
-    );
+    let mut metrics = Metrics::for_store(store.is_shared())
+        .with_state(keyring.clone(), Arc::clone(&reload_counters));
+    if let Some(b) = &backups {
+        metrics = metrics.with_backups(Arc::clone(b.status()));
+    }
+    let metrics = Arc::new(metrics);
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(endpoints::bind(addr, config.metrics_allow_non_loopback).await?),
         None => None,
@@ -443,6 +456,7 @@ pub async fn serve(
             rotate_after: config.rotate_after,
             check_files: !config.insecure_skip_file_checks,
             counters: Arc::clone(&reload_counters),
+            backups,
         },
         stop_rx.clone(),
     )));
@@ -493,6 +507,7 @@ struct ReloaderSpec {
     rotate_after: Option<Duration>,
     check_files: bool,
     counters: Arc<crate::reload::ReloadCounters>,
+    backups: Option<Arc<crate::recovery::backup::Backups>>,
 }
 
 /// Runs the reload task until `stop`, starting it again if it ever dies (a panic), so a bug in
@@ -511,6 +526,7 @@ async fn supervise_reloader(spec: ReloaderSpec, stop: tokio::sync::watch::Receiv
         .with_file_checks(spec.check_files)
         .with_counters(Arc::clone(&spec.counters))
         .with_high_water(spec.store.high_water(spec.cache_dir.as_deref()))
+        .with_backups(spec.backups.clone())
         .with_kdf(spec.kdf.clone());
         let mut task_stop = stop.clone();
         let task = tokio::spawn(reloader.watch(async move {

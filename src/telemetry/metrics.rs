@@ -221,6 +221,14 @@ impl Metrics {
         self
     }
 
+    /// Adds the backup figures (`serve --backup-dir`): the generation last backed up, when,
+    /// and failed writes, so an alert can fire when backups fall behind the keystore.
+    pub fn with_backups(mut self, status: Arc<crate::recovery::backup::BackupStatus>) -> Self {
+        self.registry
+            .register_collector(Box::new(BackupCollector { status }));
+        self
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -331,6 +339,40 @@ impl Collector for StateCollector {
             )?;
             ConstCounter::new(cpu).encode(counter)?;
         }
+        Ok(())
+    }
+}
+
+/// Reads the backup progress at scrape time.
+#[derive(Debug)]
+struct BackupCollector {
+    status: Arc<crate::recovery::backup::BackupStatus>,
+}
+
+impl Collector for BackupCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.status;
+        let generation = encoder.encode_descriptor(
+            "localkms_backup_generation",
+            "Keystore generation of the newest backup written (0 before the first)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(s.generation.load(Ordering::Relaxed) as i64).encode(generation)?;
+        let last = encoder.encode_descriptor(
+            "localkms_backup_last_success_timestamp_seconds",
+            "Unix time of the last successful backup (0 before the first)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(s.last_success_unix.load(Ordering::Relaxed)).encode(last)?;
+        let failures = encoder.encode_descriptor(
+            "localkms_backup_failures",
+            "Backup writes that failed",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(s.failures.load(Ordering::Relaxed)).encode(failures)?;
         Ok(())
     }
 }

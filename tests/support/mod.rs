@@ -145,6 +145,7 @@ impl Serving {
             metrics_addr: None,
             metrics_allow_non_loopback: false,
             insecure_skip_file_checks: false,
+            backup: None,
         };
         configure(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
