@@ -88,11 +88,28 @@ fn write_private(
     replace: bool,
     hint: &'static str,
 ) -> Result<(), RecoveryError> {
-    if !replace && std::fs::symlink_metadata(path).is_ok() {
-        return Err(RecoveryError::Exists {
-            path: path.to_owned(),
-            hint,
-        });
+    match std::fs::symlink_metadata(path) {
+        Ok(_) if !replace => {
+            return Err(RecoveryError::Exists {
+                path: path.to_owned(),
+                hint,
+            })
+        }
+        // --force replaces a file, never a device, FIFO, directory or symlink (renaming
+        // over /dev/full as root would replace the device node itself).
+        Ok(meta) if !meta.file_type().is_file() => {
+            return Err(RecoveryError::Write {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "it is {}, not a regular file; --force only replaces regular files",
+                        crate::keystore::describe(meta.file_type())
+                    ),
+                ),
+            });
+        }
+        _ => {}
     }
     crate::keystore::file::write_atomically(path, ".localkms-", bytes, replace, || {}).map_err(
         |source| {

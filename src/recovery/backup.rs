@@ -116,19 +116,35 @@ pub fn store(dir: &Path, sealed: &Sealed) -> Result<PathBuf, BackupError> {
         let path = path.to_owned();
         move |source| BackupError::Io { path, source }
     };
-    let mut builder = std::fs::DirBuilder::new();
-    std::os::unix::fs::DirBuilderExt::mode(builder.recursive(true), 0o700);
-    builder.create(dir).map_err(io(dir))?;
-    if !std::fs::metadata(dir).map_err(io(dir))?.is_dir() {
-        return Err(io(dir)(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a directory",
-        )));
-    }
+    check_dir(dir)?;
     let path = dir.join(file_name(sealed.generation));
     crate::keystore::file::write_atomically(&path, ".localkms-backup-", &sealed.bytes, true, || {})
         .map_err(io(&path))?;
     Ok(path)
+}
+
+/// Makes sure `dir` is a directory, creating it (0700, with its parents) if missing.
+pub fn check_dir(dir: &Path) -> Result<(), BackupError> {
+    let err = |source| BackupError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) => Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "it is {}, not a directory; point --backup-dir at a directory",
+                crate::keystore::describe(meta.file_type())
+            ),
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            std::os::unix::fs::DirBuilderExt::mode(builder.recursive(true), 0o700);
+            builder.create(dir).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// Removes all but the newest `keep` backups in `dir`, never the one of `current`.

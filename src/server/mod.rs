@@ -51,6 +51,10 @@ pub enum ServerError {
     /// The keystore or root key could not be loaded at start.
     #[error(transparent)]
     Keystore(#[from] KeystoreError),
+    /// `--backup-dir` cannot be used (`--check-config`; when serving, a failed backup is
+    /// logged and counted instead).
+    #[error(transparent)]
+    Backup(#[from] crate::recovery::backup::BackupError),
     /// The keystore loaded but cannot serve.
     #[error("keystore {0} loaded but its primary key failed the self-test round trip")]
     SelfTest(KeystoreLocation),
@@ -300,8 +304,21 @@ pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
         drop(endpoints::bind(addr, config.metrics_allow_non_loopback).await?);
     }
     socket::check_bindable(&config.socket)?;
+    let backups = match &config.backup {
+        Some(b) => {
+            if b.dir.exists() {
+                crate::recovery::backup::check_dir(&b.dir)?;
+            }
+            format!(
+                "; backups to {} encrypted to {}",
+                b.dir.display(),
+                b.recipients.describe()
+            )
+        }
+        None => String::new(),
+    };
     Ok(format!(
-        "config ok: would serve {} (mode {:04o}) from keystore {} generation {} with primary key {}",
+        "config ok: would serve {} (mode {:04o}) from keystore {} generation {} with primary key {}{backups}",
         config.socket.uri(),
         config.socket_mode,
         config.keystore,
