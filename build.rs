@@ -6,7 +6,11 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let kms = ["proto/v2.proto", "proto/v1beta1.proto"];
+    let kms = [
+        "proto/v2.proto",
+        "proto/v2_storage.proto",
+        "proto/v1beta1.proto",
+    ];
     let etcd = ["proto/etcd.proto"];
     for proto in kms.iter().chain(&etcd) {
         println!("cargo:rerun-if-changed={proto}");

@@ -27,6 +27,7 @@ pub mod keyring;
 pub mod keystore;
 pub mod recovery;
 mod reload;
+pub mod scan;
 pub mod server;
 pub mod telemetry;
 mod timefmt;

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use localkms::cli::output::{
-    error_line, OutputError, EXIT_BACKUP_BEHIND, EXIT_COMMITTED_OUTPUT_FAILED,
+    error_line, OutputError, EXIT_BACKUP_BEHIND, EXIT_COMMITTED_OUTPUT_FAILED, EXIT_KEY_REFERENCED,
 };
 use localkms::cli::recovery::RecoveryError;
 use localkms::cli::{hardening, Cli};
@@ -28,6 +28,12 @@ fn main() -> std::process::ExitCode {
             match e.downcast_ref::<OutputError>() {
                 Some(OutputError::AfterCommit { .. }) => {
                     std::process::ExitCode::from(EXIT_COMMITTED_OUTPUT_FAILED)
+                }
+                _ if e
+                    .downcast_ref::<localkms::scan::StillReferenced>()
+                    .is_some() =>
+                {
+                    std::process::ExitCode::from(EXIT_KEY_REFERENCED)
                 }
                 _ if matches!(
                     e.downcast_ref::<RecoveryError>(),

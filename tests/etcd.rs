@@ -1125,3 +1125,299 @@ async fn an_old_etcd_revision_is_refused_at_restart() {
         "the cache must not be overwritten by the older copy: {err}"
     );
 }
+
+/// Writes `kvs` into etcd in transactions of 128 puts (etcd's default --max-txn-ops).
+async fn bulk_put(port: u16, kvs: Vec<(String, Vec<u8>)>) {
+    use localkms::proto::etcd::kv_client::KvClient;
+    use localkms::proto::etcd::request_op::Request;
+    use localkms::proto::etcd::{PutRequest, RequestOp, TxnRequest};
+    let mut kv = KvClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("connect etcd");
+    for chunk in kvs.chunks(128) {
+        let success = chunk
+            .iter()
+            .map(|(k, v)| RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: k.clone().into_bytes(),
+                    value: v.clone(),
+                    lease: 0,
+                })),
+            })
+            .collect();
+        kv.txn(TxnRequest {
+            compare: vec![],
+            success,
+            failure: vec![],
+        })
+        .await
+        .expect("txn");
+    }
+}
+
+/// A value as kube-apiserver writes it under a KMS v2 provider: the prefix
+/// `k8s:enc:kms:v2:<provider>:` and a `v2.EncryptedObject` (proto/v2_storage.proto, from
+/// ../shared/kms/PROTOCOL.md): field 1 encryptedData, field 2 keyID (clear), field 3
+/// encryptedDEKSource (the plugin's Encrypt ciphertext), field 5 encryptedDEKSourceType
+/// (1 = HKDF_SHA256_XNONCE_AES_GCM_SEED, what current apiservers write).
+fn kms_v2_value(provider: &str, key_id: &str, dek_source: &[u8]) -> Vec<u8> {
+    use prost::Message as _;
+    let obj = localkms::proto::v2::EncryptedObject {
+        encrypted_data: b"\x01\x02ciphertext of the object".to_vec(),
+        key_id: key_id.into(),
+        encrypted_dek_source: dek_source.to_vec(),
+        annotations: Default::default(),
+        encrypted_dek_source_type: 1,
+    };
+    let mut v = format!("k8s:enc:kms:v2:{provider}:").into_bytes();
+    v.extend(obj.encode_to_vec());
+    v
+}
+
+/// A KMS v1 value: `k8s:enc:kms:v1:<provider>:`, the 2-byte big-endian length of the plugin's
+/// ciphertext of the DEK, that ciphertext, then the data.
+fn kms_v1_value(provider: &str, dek_ciphertext: &[u8]) -> Vec<u8> {
+    let mut v = format!("k8s:enc:kms:v1:{provider}:").into_bytes();
+    v.extend(
+        u16::try_from(dek_ciphertext.len())
+            .expect("len")
+            .to_be_bytes(),
+    );
+    v.extend(dek_ciphertext);
+    v.extend(b"aes-cbc data");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_counts_every_kek_format_and_resource_over_20000_keys_and_gates_destroy() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let port = etcd.members[0].client;
+    let ws = common::Workspace::new();
+    let server = ws.serve();
+    let endpoint = server.endpoint();
+    // Real ciphertexts from the plugin, before and after a rotation, v2 and v1.
+    let (seed_k1, k1) = common::encrypt(&endpoint, &[1u8; 32]).await;
+    let channel = localkms::client::connect(&endpoint).await.expect("connect");
+    let mut v1 =
+        localkms::proto::v1beta1::key_management_service_client::KeyManagementServiceClient::new(
+            channel,
+        );
+    let dek_k1 = v1
+        .encrypt(localkms::proto::v1beta1::EncryptRequest {
+            version: "v1beta1".into(),
+            plain: vec![2u8; 32],
+        })
+        .await
+        .expect("v1 encrypt")
+        .into_inner()
+        .cipher;
+    ok(&ws.keys(&["rotate"]));
+    let start = Instant::now();
+    let mut k2 = k1.clone();
+    while k2 == k1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "rotation not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        k2 = status_key_id(&endpoint).await;
+    }
+    let (seed_k2, k2_again) = common::encrypt(&endpoint, &[3u8; 32]).await;
+    assert_eq!(k2, k2_again);
+
+    let mut kvs: Vec<(String, Vec<u8>)> = Vec::with_capacity(20_100);
+    let mut add = |n: usize, resource: &str, value: Vec<u8>| {
+        for i in 0..n {
+            kvs.push((
+                format!("/registry/{resource}/ns-{}/obj-{i}", i % 7),
+                value.clone(),
+            ));
+        }
+    };
+    add(8000, "secrets", kms_v2_value("localkms", &k1, &seed_k1));
+    add(4000, "secrets-k2", kms_v2_value("localkms", &k2, &seed_k2));
+    add(1000, "configmaps", kms_v2_value("localkms", &k2, &seed_k2));
+    add(
+        3000,
+        "configmaps-plain",
+        b"k8s\x00\n\x0fv1\x12\tConfigMap".to_vec(),
+    );
+    add(
+        1000,
+        "secrets-v1",
+        kms_v1_value("localkms-old-name", &dek_k1),
+    );
+    add(
+        1000,
+        "aescbc",
+        b"k8s:enc:aescbc:v1:key1:\x00\x01\x02".to_vec(),
+    );
+    add(
+        500,
+        "secretbox",
+        b"k8s:enc:secretbox:v1:key1:\x00\x01".to_vec(),
+    );
+    add(
+        1500,
+        "other-plugin",
+        kms_v2_value("aws", "arn:aws:kms:eu-west-1:1:key/x", b"opaque"),
+    );
+    // Outside the prefix: never counted.
+    kvs.push((
+        "/registryX/secrets/a".into(),
+        b"k8s:enc:aescbc:v1:k:x".to_vec(),
+    ));
+    kvs.push(("/other/x".into(), b"x".to_vec()));
+    bulk_put(port, kvs).await;
+
+    let url = format!("http://127.0.0.1:{port}");
+    let scan = |extra: &[&str]| {
+        let mut args = vec![
+            "scan",
+            "--etcd-endpoints",
+            &url,
+            "--etcd-insecure",
+            "--json",
+            "--page-size",
+            "700",
+        ];
+        args.extend_from_slice(extra);
+        localkms(&args)
+    };
+    let ks = ws.keystore_args();
+    let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
+    let out = scan(&ks);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).expect("json");
+    assert_eq!(report["objects"], 20_000);
+    assert_eq!(report["complete"], true);
+    assert_eq!(report["formats"]["identity"], 3000);
+    assert_eq!(report["formats"]["aescbc"], 1000);
+    assert_eq!(report["formats"]["secretbox"], 500);
+    assert_eq!(report["formats"]["kms:v2:localkms"], 13_000);
+    assert_eq!(report["formats"]["kms:v1:localkms-old-name"], 1000);
+    assert_eq!(report["formats"]["kms:v2:aws"], 1500);
+    let kek = |id: &str| {
+        report["keks"]
+            .as_array()
+            .expect("keks")
+            .iter()
+            .find(|k| k["key_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not in {report}"))
+    };
+    assert_eq!(
+        kek(&k1)["objects"],
+        9000,
+        "8000 v2 + 1000 v1 (renamed provider)"
+    );
+    assert_eq!(kek(&k1)["state"], "retired");
+    assert_eq!(kek(&k1)["by_resource"]["secrets-v1"], 1000);
+    assert_eq!(kek(&k2)["objects"], 5000);
+    assert_eq!(kek(&k2)["by_resource"]["configmaps"], 1000);
+    assert_eq!(kek(&k2)["state"], "primary");
+    assert_eq!(
+        kek("arn:aws:kms:eu-west-1:1:key/x")["state"],
+        "not in keystore"
+    );
+
+    // --fail-on-key: exit 3 while objects depend on K1; 0 for a key nothing uses.
+    let mut fail = ks.clone();
+    fail.extend(["--fail-on-key", &k1]);
+    let out = scan(&fail);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("9000 object(s)"));
+
+    // destroy --scan-report: refused while anything depends on K1.
+    let report_file = ws.dir.path().join("scan.json");
+    std::fs::write(&report_file, ok(&scan(&ks))).expect("write report");
+    let rf = report_file.to_str().expect("utf8");
+    let destroy = |extra: &[&str]| {
+        let mut args = vec![
+            "destroy",
+            &k1,
+            "--min-retired-age",
+            "1s",
+            "--scan-report",
+            rf,
+        ];
+        args.extend_from_slice(extra);
+        ws.keys(&args)
+    };
+    let out = destroy(&[]);
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && why.contains("9000 object(s) still depend"),
+        "{why}"
+    );
+
+    // "Rewrite" everything under K1 (delete those objects), scan again: zero, destroy proceeds.
+    let mut kv = localkms::proto::etcd::kv_client::KvClient::connect(url.clone())
+        .await
+        .expect("connect");
+    for prefix in ["/registry/secrets/", "/registry/secrets-v1/"] {
+        kv.delete_range(localkms::proto::etcd::DeleteRangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: localkms::keystore::backend::etcd::client::prefix_end(prefix.as_bytes()),
+        })
+        .await
+        .expect("delete");
+    }
+    let mut fail = ks.clone();
+    fail.extend(["--fail-on-key", &k1]);
+    std::fs::write(&report_file, ok(&scan(&fail))).expect("write report");
+    let out = ok(&destroy(&[]));
+    assert!(out.contains("destroyed"), "{out}");
+    drop(server);
+}
+
+#[test]
+fn scan_reads_a_tls_etcd_with_client_certificates_and_refuses_without_them() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let certs = dir.path().join("pki");
+    std::fs::create_dir(&certs).expect("mkdir");
+    make_certs(&certs);
+    let etcd = Etcd::start_with(1, Some(&certs));
+    let url = format!("https://127.0.0.1:{}", etcd.members[0].client);
+    let p = |f: &str| certs.join(f).display().to_string();
+    let with = |extra: &[&str]| {
+        let mut args = vec!["scan", "--etcd-endpoints", &url, "--prefix", "/"];
+        args.extend_from_slice(extra);
+        localkms(&args)
+    };
+    let (ca, cert, key) = (p("ca.crt"), p("client.crt"), p("client.key"));
+    let tls = [
+        "--etcd-cacert",
+        ca.as_str(),
+        "--etcd-cert",
+        cert.as_str(),
+        "--etcd-key",
+        key.as_str(),
+    ];
+    let t = Instant::now();
+    loop {
+        let out = with(&tls);
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("scanned 0 keys"));
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = with(&["--etcd-cacert", ca.as_str()]);
+    assert!(!out.status.success());
+}

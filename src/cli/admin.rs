@@ -227,6 +227,16 @@ pub enum AdminError {
         /// Why the usage cannot be read.
         reason: String,
     },
+    /// `--scan-report` is not evidence for this destroy.
+    #[error("destroy refused: the scan report {file} is not evidence that nothing depends on {id}: {reason}")]
+    ScanRefused {
+        /// The key.
+        id: String,
+        /// The report.
+        file: String,
+        /// Why not.
+        reason: String,
+    },
     /// The command needs an etcd keystore.
     #[error("{0} needs an etcd keystore (--keystore etcd://HOST:PORT/PREFIX)")]
     NeedsEtcd(&'static str),
@@ -415,6 +425,10 @@ pub enum KeyChange {
         force: bool,
         /// `--min-retired-age`.
         min_retired_age: Duration,
+        /// `--scan-report`: a `localkms scan --json` report to use as evidence.
+        scan_report: Option<std::path::PathBuf>,
+        /// `--max-scan-age`: the oldest report accepted.
+        max_scan_age: Duration,
     },
 }
 
@@ -431,6 +445,29 @@ pub async fn keys_change(
         KeyChange::Destroy {
             force: false,
             min_retired_age,
+            scan_report: Some(file),
+            max_scan_age,
+        } => {
+            let report = read_scan_report(file)?;
+            let ks = o.store.load(&o.root).await?;
+            let max = i64::try_from(max_scan_age.as_secs()).unwrap_or(i64::MAX);
+            if let Some(reason) =
+                crate::scan::refuse_as_evidence(&report, id, &ks, max, now().unix_timestamp())
+            {
+                return Err(AdminError::ScanRefused {
+                    id: id.to_owned(),
+                    file: file.display().to_string(),
+                    reason,
+                });
+            }
+            Some(DestroyGuard::Scanned {
+                min_retired_age: *min_retired_age,
+            })
+        }
+        KeyChange::Destroy {
+            force: false,
+            min_retired_age,
+            ..
         } => {
             // No readable usage, no destroy: the refusal says so rather than counting zero.
             let usage = o.usage().await.map_err(|e| AdminError::UsageUnreadable {
@@ -488,6 +525,19 @@ pub async fn keys_change(
 }
 
 /// What `keys destroy` says it did: only what is true.
+/// Reads a `localkms scan --json` report.
+fn read_scan_report(file: &std::path::Path) -> Result<crate::scan::ScanReport, AdminError> {
+    let refused = |reason: String| AdminError::ScanRefused {
+        id: "the key".into(),
+        file: file.display().to_string(),
+        reason,
+    };
+    let bytes = crate::keystore::read_regular(file, 64 * 1024 * 1024)
+        .map_err(|e| refused(format!("cannot read it: {e}")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| refused(format!("it is not a `localkms scan --json` report ({e})")))
+}
+
 fn destroyed_message(id: &str, at: &KeystoreLocation, scrubbed: Option<Scrubbed>) -> String {
     let tombstone = "a tombstone keeps the id so errors can say what happened";
     match scrubbed {

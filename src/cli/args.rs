@@ -65,6 +65,9 @@ pub enum Command {
         #[command(subcommand)]
         command: RootKeyCommand,
     },
+    /// Count what the apiserver's etcd holds under each KEK (read-only; values are never
+    /// printed or kept).
+    Scan(ScanArgs),
     /// Recovery identities: create one, split it among several people, rebuild it.
     Recovery {
         /// What to do.
@@ -165,6 +168,14 @@ pub enum KeysCommand {
         /// Destroy without the evidence checks (the primary is still refused).
         #[arg(long)]
         force: bool,
+        /// Evidence from `localkms scan --keystore … --json`: a report showing no object
+        /// depends on the KEK replaces the decrypt-usage evidence (the key must still have
+        /// been out of service for --min-retired-age).
+        #[arg(long, conflicts_with = "force")]
+        scan_report: Option<PathBuf>,
+        /// The oldest --scan-report accepted.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        max_scan_age: Duration,
     },
     /// The audit trail of every lifecycle change.
     History {
@@ -250,6 +261,41 @@ pub enum KeystoreCommand {
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
+}
+
+/// `scan` options.
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// The apiserver's etcd: `https://HOST:PORT[,…]` (or `HOST:PORT`). The --etcd-* TLS flags
+    /// apply to it (kubeadm: /etc/kubernetes/pki/etcd/ca.crt and apiserver-etcd-client.*).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub etcd_endpoints: Vec<String>,
+    /// TLS for that etcd (and for an etcd --keystore).
+    #[command(flatten)]
+    pub etcd: EtcdTlsArgs,
+    /// The apiserver's --etcd-prefix.
+    #[arg(long, default_value = "/registry/")]
+    pub prefix: String,
+    /// Attribute only this KMS provider's objects to KEKs (a report made with it is not
+    /// evidence for `keys destroy`).
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// This plugin's keystore: adds each KEK's state, lists every KEK (zero included), and
+    /// makes the report usable by `keys destroy --scan-report`.
+    #[arg(long)]
+    pub keystore: Option<String>,
+    /// The keystore's root key.
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 3 if any object still depends on this KEK (repeatable).
+    #[arg(long, value_parser = parse_key_id)]
+    pub fail_on_key: Vec<KeyId>,
+    /// Keys read per etcd request (halved automatically for pages too large to receive).
+    #[arg(long, default_value = "500", value_parser = parse_positive)]
+    pub page_size: usize,
 }
 
 /// `recovery` subcommands.

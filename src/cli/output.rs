@@ -4,6 +4,10 @@
 
 use std::io::Write;
 
+/// Exit code of `scan --fail-on-key` when an object still depends on one of the keys, so a
+/// script can chain `scan … --fail-on-key OLD && keys destroy OLD`.
+pub const EXIT_KEY_REFERENCED: u8 = 3;
+
 /// Exit code for "the change was committed, but its output could not be written": the
 /// keystore holds the change (see `localkms keys history`); only the printout is lost.
 pub const EXIT_COMMITTED_OUTPUT_FAILED: u8 = 4;

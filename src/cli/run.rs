@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context};
 use super::admin::{self, KeyChange};
 use super::args::{
     Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RecoveryCommand, RootArgs,
-    RootKeyCommand, ServeArgs,
+    RootKeyCommand, ScanArgs, ServeArgs,
 };
 use super::dev;
 use super::output as cli_output;
@@ -147,6 +147,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print(runtime()?.block_on(admin::root_key_rotate(&opened(&args)?, &new_source))?)
         }
+        Command::Scan(args) => scan(args),
         Command::Recovery { command } => print(match command {
             RecoveryCommand::Keygen { out } => recovery::keygen(&out)?,
             RecoveryCommand::Split {
@@ -253,16 +254,77 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             keystore: args,
             min_retired_age,
             force,
+            scan_report,
+            max_scan_age,
         } => rt.block_on(admin::keys_change(
             &opened(&args)?,
             &KeyChange::Destroy {
                 force,
                 min_retired_age,
+                scan_report,
+                max_scan_age,
             },
             &id,
         ))?,
     };
     print(printed)
+}
+
+fn scan(args: ScanArgs) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let tls = args.etcd.tls();
+    let keystore = match &args.keystore {
+        None => None,
+        Some(k) => {
+            let o = admin::Opened::open(&location(k)?, &source(&args.root)?, &tls)?;
+            Some(rt.block_on(o.store.load(&o.root))?)
+        }
+    };
+    let mut endpoints = Vec::new();
+    for e in &args.etcd_endpoints {
+        let hostport = e
+            .trim()
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
+        if hostport.is_empty() || !hostport.contains(':') {
+            return Err(anyhow!(
+                "--etcd-endpoints {e:?}: write https://HOST:PORT (or HOST:PORT), comma-separated"
+            ));
+        }
+        endpoints.push(hostport.to_owned());
+    }
+    let target = crate::keystore::EtcdTarget {
+        endpoints,
+        prefix: String::new(),
+    };
+    let etcd = crate::keystore::backend::etcd::Etcd::connect(&target, &tls)?;
+    let report = rt.block_on(crate::scan::scan(crate::scan::ScanRequest {
+        etcd: &etcd,
+        prefix: &args.prefix,
+        provider: args.provider.as_deref(),
+        keystore: keystore.as_ref(),
+        page: i64::try_from(args.page_size).unwrap_or(i64::MAX),
+        progress: !args.json,
+    }))?;
+    println_out(if args.json {
+        serde_json::to_string_pretty(&report)?
+    } else {
+        report.text()
+    })?;
+    let referenced: Vec<String> = args
+        .fail_on_key
+        .iter()
+        .filter_map(|id| {
+            let n = report.references(id.as_str());
+            (n > 0).then(|| format!("{id} is still used by {n} object(s)"))
+        })
+        .collect();
+    if referenced.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::scan::StillReferenced(referenced.join("; ")).into())
+    }
 }
 
 fn limits(args: &ServeArgs) -> server::Limits {

@@ -342,6 +342,13 @@ pub enum DestroyGuard {
     Force,
     /// Destroy only on the evidence given.
     Evidence(DestroyEvidence),
+    /// A scan of the apiserver's etcd found nothing that depends on the key (checked by the
+    /// caller, `keys destroy --scan-report`); that replaces the decrypt-usage evidence, and
+    /// the key must still have been out of service for this long.
+    Scanned {
+        /// `--min-retired-age`.
+        min_retired_age: std::time::Duration,
+    },
 }
 
 /// The usage evidence for one key, gathered outside the keystore.
@@ -597,8 +604,12 @@ impl Keystore {
             _ => {}
         }
         let ts = now.unix_timestamp();
-        if let DestroyGuard::Evidence(evidence) = guard {
-            self.check_destroy_evidence(idx, ts, evidence)?;
+        match guard {
+            DestroyGuard::Force => {}
+            DestroyGuard::Evidence(evidence) => self.check_destroy_evidence(idx, ts, evidence)?,
+            DestroyGuard::Scanned { min_retired_age } => {
+                self.check_out_of_service(idx, ts, *min_retired_age)?;
+            }
         }
         let rec = &mut self.records[idx];
         rec.state = KeyState::Destroyed;
@@ -617,24 +628,10 @@ impl Keystore {
         now: i64,
         evidence: &DestroyEvidence,
     ) -> Result<(), LifecycleError> {
+        self.check_out_of_service(idx, now, evidence.min_retired_age)?;
         let rec = &self.records[idx];
         let window_s = i64::try_from(evidence.min_retired_age.as_secs()).unwrap_or(i64::MAX);
         let window = flag_duration(evidence.min_retired_age);
-        if rec.state == KeyState::Staged
-            || (rec.state == KeyState::Disabled && rec.disabled_from == Some(KeyState::Staged))
-        {
-            return Err(LifecycleError::StagedRefused(rec.id.clone()));
-        }
-        let since = self.out_of_service_since(idx);
-        if now.saturating_sub(since) < window_s {
-            return Err(LifecycleError::RetiredTooRecently {
-                id: rec.id.clone(),
-                was: "primary or staged",
-                since: rfc3339(since),
-                window,
-                earliest: rfc3339(since.saturating_add(window_s)),
-            });
-        }
         match evidence.usage_counted_since {
             Some(counted) if now.saturating_sub(counted) >= window_s => {}
             counted => {
@@ -656,6 +653,34 @@ impl Keystore {
             }
             Some(_) => Ok(()),
         }
+    }
+
+    /// The part of the guard no evidence replaces: a staged key (another node may promote it)
+    /// is refused, and the key must have been out of service for `min_retired_age`.
+    fn check_out_of_service(
+        &self,
+        idx: usize,
+        now: i64,
+        min_retired_age: std::time::Duration,
+    ) -> Result<(), LifecycleError> {
+        let rec = &self.records[idx];
+        let window_s = i64::try_from(min_retired_age.as_secs()).unwrap_or(i64::MAX);
+        if rec.state == KeyState::Staged
+            || (rec.state == KeyState::Disabled && rec.disabled_from == Some(KeyState::Staged))
+        {
+            return Err(LifecycleError::StagedRefused(rec.id.clone()));
+        }
+        let since = self.out_of_service_since(idx);
+        if now.saturating_sub(since) < window_s {
+            return Err(LifecycleError::RetiredTooRecently {
+                id: rec.id.clone(),
+                was: "primary or staged",
+                since: rfc3339(since),
+                window: flag_duration(min_retired_age),
+                earliest: rfc3339(since.saturating_add(window_s)),
+            });
+        }
+        Ok(())
     }
 
     /// When the key at `idx` last stopped being primary or staged (Unix seconds), read from

@@ -253,6 +253,13 @@ impl std::fmt::Debug for StateCollector {
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let ring = self.keyring.load();
+        let generation = encoder.encode_descriptor(
+            "localkms_keystore_generation",
+            "Generation of the keystore loaded (compare with localkms_backup_generation)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(ring.generation()).unwrap_or(i64::MAX)).encode(generation)?;
         let info = ring.key_info();
         let mut keys = encoder.encode_descriptor(
             "localkms_keys",
@@ -407,6 +414,7 @@ mod tests {
             "localkms_keys{state=\"retired\"} 0",
             "localkms_primary_key_age_seconds",
             "localkms_primary_key_info{key_id=\"kek-",
+            "localkms_keystore_generation 1",
             "localkms_keystore_reloads_total{result=\"failed\"} 0",
             "localkms_keystore_reloads_total{result=\"refused\"} 2",
             "localkms_rejected_peers_total 1",

@@ -378,6 +378,44 @@ impl Etcd {
         Ok(self.range(request).await?.kvs)
     }
 
+    /// One page of the keys in `[from, range_end)` at `revision` (0: the current one), at most
+    /// `limit` of them: the keys and values, whether more follow, the total in the range and
+    /// the revision read. Responses up to 256 MiB are accepted (a page of large objects); a
+    /// caller that hits even that limit retries with a smaller `limit`.
+    pub async fn page(
+        &self,
+        from: &[u8],
+        range_end: &[u8],
+        limit: i64,
+        revision: i64,
+    ) -> Result<Page, EtcdError> {
+        let request = RangeRequest {
+            key: from.to_vec(),
+            range_end: range_end.to_vec(),
+            limit,
+            revision,
+            ..Default::default()
+        };
+        let resp = self
+            .failover("Range", |ch| {
+                let request = request.clone();
+                async move {
+                    KvClient::new(ch)
+                        .max_decoding_message_size(256 * 1024 * 1024)
+                        .range(request)
+                        .await
+                }
+            })
+            .await?
+            .into_inner();
+        Ok(Page {
+            revision: resp.header.as_ref().map_or(revision, |h| h.revision),
+            more: resp.more,
+            count: resp.count,
+            kvs: resp.kvs,
+        })
+    }
+
     /// Writes `value` at `key` only if `expect` holds; `false` when another writer got there
     /// first.
     pub async fn put_if(
@@ -502,7 +540,21 @@ impl Etcd {
 }
 
 /// The range end that selects every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+/// One page of a range read ([`Etcd::page`]).
+#[derive(Debug)]
+pub struct Page {
+    /// The revision the page was read at: read later pages at it for one consistent view.
+    pub revision: i64,
+    /// Whether keys follow this page.
+    pub more: bool,
+    /// Keys in the whole range (at `revision`).
+    pub count: i64,
+    /// The keys and values.
+    pub kvs: Vec<KeyValue>,
+}
+
+/// The end of the range holding every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
