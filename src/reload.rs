@@ -17,6 +17,9 @@ use crate::keyring::{Keyring, SharedKeyring};
 use crate::keystore::backend::{blocking, ReloadError, POLL_INTERVAL};
 use crate::keystore::{Actor, HistoryEntry, KeyState, KeystoreError, RootKeyProvider, Store};
 
+/// How often a failed backup of the generation in use is retried.
+const BACKUP_RETRY: Duration = Duration::from_secs(10);
+
 /// What one reload attempt did.
 #[derive(Debug)]
 pub(crate) enum ReloadOutcome {
@@ -227,6 +230,27 @@ impl Reloader {
         ReloadOutcome::Swapped { from, to }
     }
 
+    /// When the backup of the generation in use failed (a full disk, a directory that was
+    /// missing): reads the keystore again and retries, so a backup appears once the cause is
+    /// fixed instead of at the next key change.
+    async fn retry_backup(&self) {
+        let Some(b) = &self.backups else { return };
+        let serving = self.keyring.load().generation();
+        if b.status()
+            .generation
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == serving
+        {
+            return;
+        }
+        match self.store.load(&self.root).await {
+            Ok(ks) if ks.generation() == serving => blocking(|| b.write_logged(&ks)),
+            // A newer generation is on its way through a reload, which backs it up.
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the keystore to retry its backup"),
+        }
+    }
+
     /// Logs the audit entries added since the last keystore this server loaded.
     fn log_new_history(&self, history: Vec<HistoryEntry>) {
         let mut seen = self.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -338,6 +362,7 @@ impl Reloader {
         let mut changes = self.store.changes();
         let mut last_flush = Instant::now();
         let mut last_rotation_attempt: Option<Instant> = None;
+        let mut last_backup_retry = Instant::now();
         tokio::pin!(shutdown);
         enum Event {
             Tick,
@@ -361,6 +386,10 @@ impl Reloader {
                     if last_flush.elapsed() >= FLUSH_INTERVAL {
                         last_flush = Instant::now();
                         self.flush_usage(false);
+                    }
+                    if last_backup_retry.elapsed() >= BACKUP_RETRY {
+                        last_backup_retry = Instant::now();
+                        self.retry_backup().await;
                     }
                     if let Some(after) = self.rotation_due() {
                         // Retry a failed rotation at most every 30 s (or every --rotate-after,

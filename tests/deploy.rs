@@ -1200,3 +1200,62 @@ fn shell_scripts_pass_shellcheck() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_operator_rules_are_the_plain_rules_and_promtool_passes_them() {
+    let plain = load_doc("deploy/monitoring/prometheus-rules.yaml");
+    let operator = load_doc("deploy/monitoring/prometheus-rule-operator.yaml");
+    assert_eq!(s(&operator["kind"], "kind"), "PrometheusRule");
+    assert_eq!(
+        operator["spec"]["groups"], plain["groups"],
+        "prometheus-rule-operator.yaml spec.groups must equal prometheus-rules.yaml groups"
+    );
+    // Every alert has a runbook that names a README heading.
+    let readme = read("README.md").to_lowercase();
+    for group in list(&plain["groups"], "groups") {
+        for rule in list(&group["rules"], "rules") {
+            let alert = s(&rule["alert"], "alert");
+            let runbook = s(&rule["annotations"]["runbook"], "runbook");
+            assert_eq!(
+                runbook,
+                format!("README.md#{}", alert.to_lowercase()),
+                "{alert}"
+            );
+            assert!(
+                readme.contains(&format!("#### {}\n", alert.to_lowercase())),
+                "README has no '#### {alert}' heading for the runbook"
+            );
+        }
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/monitoring/grafana-dashboard.json"))
+            .expect("dashboard json");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 8));
+
+    let promtool = Command::new("promtool").arg("--version").output();
+    if promtool.is_err() {
+        assert!(
+            std::env::var_os("LOCALKMS_REQUIRE_PROMTOOL").is_none(),
+            "LOCALKMS_REQUIRE_PROMTOOL is set but promtool is missing (apt-get install prometheus)"
+        );
+        eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+        return;
+    }
+    let dir = repo().join("deploy/monitoring");
+    for args in [
+        ["check", "rules", "prometheus-rules.yaml"],
+        ["test", "rules", "prometheus-rules.test.yaml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -1421,3 +1421,99 @@ fn scan_reads_a_tls_etcd_with_client_certificates_and_refuses_without_them() {
     let out = with(&["--etcd-cacert", ca.as_str()]);
     assert!(!out.status.success());
 }
+
+/// `localkms_*`/`process_*` names in a PromQL expression.
+fn metric_names(expr: &str) -> std::collections::BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("localkms_") || w.starts_with("process_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every `expr` string in a Grafana dashboard.
+fn dashboard_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr" | "query", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => dashboard_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| dashboard_exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
+    if !etcd_available() {
+        return;
+    }
+    let (etcd, url, node) = initialised("monitoring");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = yaml_rust2::YamlLoader::load_from_str(
+        &std::fs::read_to_string(repo.join("deploy/monitoring/prometheus-rules.yaml"))
+            .expect("rules"),
+    )
+    .expect("yaml");
+    let mut exprs: Vec<String> = rules[0]["groups"]
+        .as_vec()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_vec().cloned().unwrap_or_default())
+        .filter_map(|r| r["expr"].as_str().map(str::to_owned))
+        .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo.join("deploy/monitoring/grafana-dashboard.json"))
+            .expect("dashboard"),
+    )
+    .expect("json");
+    dashboard_exprs(&dashboard, &mut exprs);
+    let used: std::collections::BTreeSet<String> =
+        exprs.iter().flat_map(|e| metric_names(e)).collect();
+    assert!(used.len() >= 10, "{used:?}");
+    // An etcd keystore (cluster metrics) with backups on (backup metrics), after requests.
+    let identity = node.dir.path().join("id.txt");
+    let recipient = ok(&localkms(&[
+        "recovery",
+        "keygen",
+        "--out",
+        identity.to_str().expect("utf8"),
+    ]));
+    let port = free_port();
+    let backups = node.dir.path().join("backups");
+    let addr = format!("127.0.0.1:{port}");
+    let server = node.serve(
+        &url,
+        "monitoring",
+        &[
+            "--metrics-addr",
+            &addr,
+            "--backup-dir",
+            backups.to_str().expect("utf8"),
+            "--backup-recipient",
+            recipient.trim(),
+        ],
+    );
+    let endpoint = server.endpoint();
+    let (ct, key_id) = common::encrypt(&endpoint, b"seed").await;
+    common::decrypt(&endpoint, &ct, &key_id)
+        .await
+        .expect("decrypt");
+    let (_, metrics) = common::http_get(port, "/metrics");
+    let exported: std::collections::BTreeSet<String> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "used but not exported: {missing:?}\n{metrics}"
+    );
+    drop(server);
+    drop(etcd);
+}
