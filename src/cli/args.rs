@@ -74,6 +74,18 @@ pub enum Command {
         #[command(subcommand)]
         command: RecoveryCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `localkms man | man -l -`, or
+    /// `localkms man keys destroy` for one command.
+    Man {
+        /// A command (and subcommand) to document instead of `localkms` itself.
+        command: Vec<String>,
+    },
     /// Print the Status of any KMS v2 plugin.
     Status {
         /// The plugin's socket.
@@ -153,7 +165,8 @@ pub enum KeysCommand {
     /// Wipe a KEK's material, keeping a tombstone. Irreversible: `keys disable` is the
     /// reversible first step. Refuses the primary always; without --force, also refuses a KEK
     /// that was primary or staged within --min-retired-age, decrypted within it, or whose
-    /// usage was not counted over all of it.
+    /// usage was not counted over all of it (with --scan-report: that a scan still finds
+    /// objects under).
     Destroy {
         /// The KEK.
         #[arg(value_parser = parse_key_id)]

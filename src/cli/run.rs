@@ -148,6 +148,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print(runtime()?.block_on(admin::root_key_rotate(&opened(&args)?, &new_source))?)
         }
         Command::Scan(args) => scan(args),
+        Command::Completions { shell } => Ok(cli_output::emit(
+            &super::docs::completions(shell),
+            "",
+            None,
+        )?),
+        Command::Man { command } => Ok(cli_output::emit(&super::docs::man(&command)?, "", None)?),
         Command::Recovery { command } => print(match command {
             RecoveryCommand::Keygen { out } => recovery::keygen(&out)?,
             RecoveryCommand::Split {
