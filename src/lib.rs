@@ -22,6 +22,7 @@ pub const VERSION_LONG: &str = concat!(
 pub mod cli;
 pub mod client;
 pub mod crypto;
+pub mod doctor;
 pub mod key_id;
 pub mod keyring;
 pub mod keystore;

@@ -1514,6 +1514,24 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
         missing.is_empty(),
         "used but not exported: {missing:?}\n{metrics}"
     );
+    // doctor on an etcd keystore: node convergence and current backups.
+    let socket = node.dir.path().join("monitoring.sock");
+    let mut args = vec!["doctor", "--socket", socket.to_str().expect("utf8")];
+    args.extend(node.args(&url));
+    args.extend([
+        "--etcd-insecure",
+        "--backup-dir",
+        backups.to_str().expect("utf8"),
+    ]);
+    let out = localkms(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("node(s) have loaded generation"), "{text}");
+    assert!(text.contains("is of the current generation"), "{text}");
     drop(server);
     drop(etcd);
 }

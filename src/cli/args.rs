@@ -68,6 +68,10 @@ pub enum Command {
     /// Count what the apiserver's etcd holds under each KEK (read-only; values are never
     /// printed or kept).
     Scan(ScanArgs),
+    /// Diagnose this control-plane node: the encryption configuration, the apiserver
+    /// manifest, the plugin, the keystore files, key age, backups and convergence. Exit 1 on
+    /// any ✗.
+    Doctor(DoctorArgs),
     /// Recovery identities: create one, split it among several people, rebuild it.
     Recovery {
         /// What to do.
@@ -309,6 +313,39 @@ pub struct ScanArgs {
     /// Keys read per etcd request (halved automatically for pages too large to receive).
     #[arg(long, default_value = "500", value_parser = parse_positive)]
     pub page_size: usize,
+}
+
+/// `doctor` options: every part is optional and checked only when given.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The apiserver's EncryptionConfiguration.
+    #[arg(long)]
+    pub encryption_config: Option<PathBuf>,
+    /// The kube-apiserver static-pod manifest.
+    #[arg(long)]
+    pub apiserver_manifest: Option<PathBuf>,
+    /// The plugin's socket (default: the kms endpoint in --encryption-config).
+    #[arg(long)]
+    pub socket: Option<String>,
+    /// The plugin's keystore (checked with the root key).
+    #[arg(long)]
+    pub keystore: Option<String>,
+    /// The keystore's root key.
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// TLS for an etcd keystore.
+    #[command(flatten)]
+    pub etcd: EtcdTlsArgs,
+    /// Rotation is overdue once the primary is older than this.
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    pub rotate_after: Duration,
+    /// The plugin's --backup-dir, to check the newest backup is of the current generation.
+    #[arg(long)]
+    pub backup_dir: Option<PathBuf>,
+    /// A `localkms scan --json` report, to catch objects under a provider name the
+    /// configuration no longer lists.
+    #[arg(long)]
+    pub scan_report: Option<PathBuf>,
 }
 
 /// `recovery` subcommands.

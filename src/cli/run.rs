@@ -7,8 +7,8 @@ use anyhow::{anyhow, Context};
 
 use super::admin::{self, KeyChange};
 use super::args::{
-    Cli, Command, KeysCommand, KeystoreArgs, KeystoreCommand, RecoveryCommand, RootArgs,
-    RootKeyCommand, ScanArgs, ServeArgs,
+    Cli, Command, DoctorArgs, KeysCommand, KeystoreArgs, KeystoreCommand, RecoveryCommand,
+    RootArgs, RootKeyCommand, ScanArgs, ServeArgs,
 };
 use super::dev;
 use super::output as cli_output;
@@ -148,6 +148,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print(runtime()?.block_on(admin::root_key_rotate(&opened(&args)?, &new_source))?)
         }
         Command::Scan(args) => scan(args),
+        Command::Doctor(args) => doctor(args),
         Command::Completions { shell } => Ok(cli_output::emit(
             &super::docs::completions(shell),
             "",
@@ -331,6 +332,39 @@ fn scan(args: ScanArgs) -> anyhow::Result<()> {
     } else {
         Err(crate::scan::StillReferenced(referenced.join("; ")).into())
     }
+}
+
+fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let keystore = match &args.keystore {
+        Some(k) => Some((location(k)?, source(&args.root)?, args.etcd.tls())),
+        None => None,
+    };
+    let req = crate::doctor::DoctorRequest {
+        encryption_config: args.encryption_config,
+        apiserver_manifest: args.apiserver_manifest,
+        socket: args.socket,
+        keystore,
+        rotate_after: args.rotate_after,
+        backup_dir: args.backup_dir,
+        scan_report: args.scan_report,
+    };
+    let checks = runtime()?.block_on(crate::doctor::run(&req));
+    let failed = checks.iter().filter(|c| !c.ok()).count();
+    let mut text: String = checks.iter().map(|c| c.line() + "\n").collect();
+    text.push_str(&format!(
+        "\n{} check(s), {failed} failed\n",
+        checks
+            .iter()
+            .filter(|c| !matches!(c, crate::doctor::Check::Skip(_)))
+            .count()
+    ));
+    cli_output::emit(&text, "", None)?;
+    if failed > 0 {
+        return Err(anyhow!(
+            "{failed} check(s) failed; each ✗ above says how to fix it"
+        ));
+    }
+    Ok(())
 }
 
 fn limits(args: &ServeArgs) -> server::Limits {
