@@ -131,3 +131,20 @@ fn a_healthy_node_passes_and_each_fault_is_named_with_its_fix() {
     let t = text(&doctor(&[]));
     assert!(t.contains("✗") && t.contains("chmod 600"), "{t}");
 }
+
+#[test]
+fn doctor_with_nothing_to_check_and_scan_without_tls_refuse_with_what_to_pass() {
+    // (Run where kubeadm's files are absent, as on a build machine.)
+    if !Path::new("/etc/kubernetes/manifests/kube-apiserver.yaml").exists() {
+        let out = localkms(&["doctor"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out).contains("nothing to check"), "{}", text(&out));
+    }
+    let out = localkms(&["scan", "--etcd-endpoints", "https://192.0.2.1:2379"]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(
+        t.contains("without TLS") && t.contains("apiserver-etcd-client"),
+        "{t}"
+    );
+}

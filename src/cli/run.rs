@@ -301,6 +301,14 @@ fn scan(args: ScanArgs) -> anyhow::Result<()> {
         }
         endpoints.push(hostport.to_owned());
     }
+    let e = &args.etcd;
+    if e.etcd_cacert.is_none() && e.etcd_cert.is_none() && e.etcd_key.is_none() && !e.etcd_insecure
+    {
+        return Err(anyhow!(
+            "refusing to read etcd at {} without TLS: every stored object would cross the network in clear. Pass --etcd-cacert, --etcd-cert and --etcd-key (kubeadm: /etc/kubernetes/pki/etcd/ca.crt, /etc/kubernetes/pki/apiserver-etcd-client.crt and .key), or --etcd-insecure for an etcd on this host's loopback",
+            endpoints.join(",")
+        ));
+    }
     let target = crate::keystore::EtcdTarget {
         endpoints,
         prefix: String::new(),
@@ -339,9 +347,19 @@ fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         Some(k) => Some((location(k)?, source(&args.root)?, args.etcd.tls())),
         None => None,
     };
+    // kubeadm's paths, when they are there and nothing else was said.
+    let default_if_present = |given: Option<std::path::PathBuf>, path: &str| {
+        given.or_else(|| Some(std::path::PathBuf::from(path)).filter(|p| p.exists()))
+    };
     let req = crate::doctor::DoctorRequest {
-        encryption_config: args.encryption_config,
-        apiserver_manifest: args.apiserver_manifest,
+        encryption_config: default_if_present(
+            args.encryption_config,
+            "/etc/kubernetes/enc/encryption-config.yaml",
+        ),
+        apiserver_manifest: default_if_present(
+            args.apiserver_manifest,
+            "/etc/kubernetes/manifests/kube-apiserver.yaml",
+        ),
         socket: args.socket,
         keystore,
         rotate_after: args.rotate_after,
@@ -349,6 +367,12 @@ fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         scan_report: args.scan_report,
     };
     let checks = runtime()?.block_on(crate::doctor::run(&req));
+    if checks
+        .iter()
+        .all(|c| matches!(c, crate::doctor::Check::Skip(_)))
+    {
+        return Err(anyhow!("nothing to check: pass --encryption-config, --apiserver-manifest, --socket or --keystore (kubeadm's /etc/kubernetes/enc/encryption-config.yaml and /etc/kubernetes/manifests/kube-apiserver.yaml are used when present)"));
+    }
     let failed = checks.iter().filter(|c| !c.ok()).count();
     let mut text: String = checks.iter().map(|c| c.line() + "\n").collect();
     text.push_str(&format!(
