@@ -260,11 +260,13 @@ pub async fn scan(req: ScanRequest<'_>) -> Result<ScanReport, ScanError> {
             tally.add(&kv.key, &kv.value, &prefix, req.provider);
         }
         if show {
-            crate::telemetry::eprint_lossy(&format!(
-                "\rscanning {prefix}: {} keys read, {} to go   ",
-                tally.objects,
-                total.saturating_sub(got.kvs.len() as i64)
-            ));
+            // `count` is what remains from this page's first key on.
+            let done = tally.objects;
+            let all = done
+                + u64::try_from(total)
+                    .unwrap_or(0)
+                    .saturating_sub(got.kvs.len() as u64);
+            crate::telemetry::eprint_lossy(&progress_bar(&prefix, done, all));
         }
         if !got.more {
             break;
@@ -276,6 +278,19 @@ pub async fn scan(req: ScanRequest<'_>) -> Result<ScanReport, ScanError> {
         crate::telemetry::eprint_lossy("\n");
     }
     Ok(report(tally, &req, &prefix, revision))
+}
+
+/// One redrawn line: `scanning /registry/ [#######.......]  48% 9600/20000 keys`.
+fn progress_bar(prefix: &str, done: u64, all: u64) -> String {
+    const WIDTH: u64 = 30;
+    let all = all.max(done).max(1);
+    let filled = (done * WIDTH / all) as usize;
+    format!(
+        "\rscanning {prefix} [{}{}] {:>3}% {done}/{all} keys ",
+        "#".repeat(filled),
+        ".".repeat(WIDTH as usize - filled),
+        done * 100 / all
+    )
 }
 
 fn report(tally: Tally, req: &ScanRequest<'_>, prefix: &str, revision: i64) -> ScanReport {
@@ -434,6 +449,7 @@ mod tests {
         assert!(refuse_as_evidence(&used, &id, &ks, 3600, now)
             .is_some_and(|m| m.contains("3 object(s) still depend")));
         assert_eq!(r.formats.get("identity"), Some(&1));
+        assert!(progress_bar("/r/", 15, 30).contains("[###############...............]  50% 15/30"));
         assert!(r.text().contains("stored unencrypted"));
     }
 }
