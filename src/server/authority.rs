@@ -84,6 +84,12 @@ pub(super) struct Rewriter {
     encoder: loona_hpack::Encoder<'static>,
     rewritten: u64,
     requests: u64,
+    /// Header blocks are still decoded. Cleared when a connection's first request carries a
+    /// valid `:authority` (grpc-go, kube-apiserver >= 1.31 send `localhost`): from then on
+    /// header frames pass through untouched and are only counted, so such a client pays no
+    /// HPACK work. A connection whose first authority needs rewriting keeps being decoded
+    /// and re-encoded.
+    inspect: bool,
 }
 
 impl Drop for Rewriter {
@@ -115,6 +121,7 @@ impl Rewriter {
             encoder: loona_hpack::Encoder::new(),
             rewritten: 0,
             requests: 0,
+            inspect: true,
         }
     }
 
@@ -193,6 +200,13 @@ impl Rewriter {
                 u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
             frame.advance(FRAME_HEADER_LEN);
             match kind {
+                TYPE_HEADERS | TYPE_CONTINUATION if !self.inspect => {
+                    if kind == TYPE_HEADERS {
+                        self.requests += 1;
+                    }
+                    put_frame_header(&mut self.output, frame.len(), kind, flags, stream_id);
+                    self.output.extend_from_slice(&frame);
+                }
                 TYPE_HEADERS => self.on_headers(flags, stream_id, &frame)?,
                 TYPE_CONTINUATION => self.on_continuation(flags, stream_id, &frame)?,
                 _ if self.pending.is_some() => {
@@ -301,6 +315,14 @@ impl Rewriter {
                 *value = REPLACEMENT.to_vec();
                 self.rewritten += 1;
             }
+        }
+        if self.rewritten == 0 {
+            // Nothing was ever re-encoded on this connection, so the server's HPACK state is
+            // the client's: hand the block over as it came, and stop decoding.
+            self.inspect = false;
+            let fragment = block.fragment.clone();
+            self.emit(&block, &fragment);
+            return Ok(());
         }
         let encoded = self
             .encoder
@@ -733,6 +755,22 @@ mod tests {
         assert_eq!(authorities.len(), 2);
         assert!(authorities.iter().all(|(_, v)| v == b"localhost"));
         assert_eq!(rw.rewritten(), 2);
+    }
+
+    #[test]
+    fn a_connection_that_starts_with_a_valid_authority_is_passed_through_byte_for_byte() {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(headers_frame(&mut enc, Some(b"localhost"), 0));
+        input.extend(headers_frame(&mut enc, Some(b"localhost"), FLAG_END_STREAM));
+        // A later invalid authority is no longer looked at (h2 resets that request, as it
+        // would without the shim); real clients keep one authority per connection.
+        input.extend(headers_frame(&mut enc, Some(b"/x.sock"), FLAG_END_STREAM));
+        let mut rw = Rewriter::new();
+        rw.feed(&input).expect("feed");
+        assert_eq!(rw.output().to_vec(), input, "untouched");
+        assert_eq!(rw.requests(), 3, "still counted, for the idle timeout");
+        assert_eq!(rw.rewritten(), 0);
     }
 
     #[test]

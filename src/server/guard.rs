@@ -223,9 +223,6 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        // The ready service goes with this call; a fresh clone takes its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let (api, method) = classify(req.uri().path());
         let conn = req.extensions().get::<ConnInfo>().cloned();
         let open = OpenRequest::start(conn.as_ref().and_then(|c| c.ticket.clone()));
@@ -241,22 +238,33 @@ where
                 .ok_or(limit),
             (_, _, limit) => Err(limit.unwrap_or(0)),
         };
+        // The inner service (tonic's router) is always ready, and this call was preceded by
+        // our poll_ready, which polled it: call it here, without the clone-and-swap a
+        // service that can be not-ready needs.
+        let decision = match (rejected, permit, peer_slot) {
+            (Some(status), _, _) => Err(status),
+            (None, Err(_), _) => Err(Status::resource_exhausted(format!(
+                "server busy: {} requests already in flight; retry shortly",
+                config.max_in_flight
+            ))),
+            (None, Ok(_), Err(limit)) => Err(Status::resource_exhausted(format!(
+                "server busy: peer uid {uid} already has {limit} requests in flight, its share (--max-in-flight-share) of --max-in-flight; retry shortly"
+            ))),
+            (None, Ok(permit), Ok(slot)) => {
+                // A client deadline no later than ours is enforced by the client (it resets
+                // the stream, which drops this future): no timer of our own is needed.
+                let timer = !client_deadline_within(&req, config.timeout);
+                Ok((self.inner.call(req), permit, slot, timer))
+            }
+        };
         Box::pin(async move {
             let _open = open;
             let start = Instant::now();
-            let response = match (rejected, permit, peer_slot) {
-                (Some(status), _, _) => status.into_http(),
-                (None, Err(_), _) => Status::resource_exhausted(format!(
-                    "server busy: {} requests already in flight; retry shortly",
-                    config.max_in_flight
-                ))
-                .into_http(),
-                (None, Ok(_), Err(limit)) => Status::resource_exhausted(format!(
-                    "server busy: peer uid {uid} already has {limit} requests in flight, its share (--max-in-flight-share) of --max-in-flight; retry shortly"
-                ))
-                .into_http(),
-                (None, Ok(_permit), Ok(_slot)) => {
-                    match tokio::time::timeout(config.timeout, inner.call(req)).await {
+            let response = match decision {
+                Err(status) => status.into_http(),
+                Ok((call, _permit, _slot, false)) => call.await?,
+                Ok((call, _permit, _slot, true)) => {
+                    match tokio::time::timeout(config.timeout, call).await {
                         Ok(result) => result?,
                         Err(_) => Status::deadline_exceeded(format!(
                             "request took longer than {} ms",
@@ -279,6 +287,33 @@ where
             Ok(response)
         })
     }
+}
+
+/// Whether the request carries a `grpc-timeout` no longer than `limit` (gRPC over HTTP/2:
+/// up to 8 digits and a unit, `H`, `M`, `S`, `m`, `u` or `n`).
+fn client_deadline_within<B>(req: &http::Request<B>, limit: std::time::Duration) -> bool {
+    let Some(v) = req.headers().get("grpc-timeout").map(|v| v.as_bytes()) else {
+        return false;
+    };
+    let Some((&unit, digits)) = v.split_last() else {
+        return false;
+    };
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let n: u64 = digits
+        .iter()
+        .fold(0, |acc, d| acc * 10 + u64::from(d - b'0'));
+    let d = match unit {
+        b'H' => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        b'M' => std::time::Duration::from_secs(n.saturating_mul(60)),
+        b'S' => std::time::Duration::from_secs(n),
+        b'm' => std::time::Duration::from_millis(n),
+        b'u' => std::time::Duration::from_micros(n),
+        b'n' => std::time::Duration::from_nanos(n),
+        _ => return false,
+    };
+    d <= limit
 }
 
 /// tonic answers a message over the size limit with `OutOfRange` before reading it; localkms
@@ -334,6 +369,25 @@ fn malformed_is_invalid_argument(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_client_deadline_within_ours_replaces_our_timer() {
+        let with = |v: &str| {
+            http::Request::builder()
+                .header("grpc-timeout", v)
+                .body(())
+                .expect("request")
+        };
+        let limit = std::time::Duration::from_secs(5);
+        for ok in ["3S", "2999m", "100u", "5S", "1n"] {
+            assert!(client_deadline_within(&with(ok), limit), "{ok}");
+        }
+        for no in ["6S", "1H", "1M", "S", "123456789S", "3x", "-1S"] {
+            assert!(!client_deadline_within(&with(no), limit), "{no}");
+        }
+        let none = http::Request::builder().body(()).expect("request");
+        assert!(!client_deadline_within(&none, limit));
+    }
+
     use super::*;
 
     #[test]
