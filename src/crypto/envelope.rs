@@ -134,10 +134,13 @@ pub fn seal(
     plaintext: &[u8],
     api: Api,
 ) -> Result<Vec<u8>, EnvelopeError> {
+    // One draw from the OS for both (one system call per message, not two).
+    let mut random = [0u8; SALT_LEN + NONCE_LEN];
+    fill_random(&mut random).map_err(EnvelopeError::Crypto)?;
     let mut salt = [0u8; SALT_LEN];
     let mut nonce = [0u8; NONCE_LEN];
-    fill_random(&mut salt).map_err(EnvelopeError::Crypto)?;
-    fill_random(&mut nonce).map_err(EnvelopeError::Crypto)?;
+    salt.copy_from_slice(&random[..SALT_LEN]);
+    nonce.copy_from_slice(&random[SALT_LEN..]);
     seal_with(kek, key_id, plaintext, &salt, &nonce, api.version())
 }
 

@@ -74,6 +74,44 @@ struct PendingBlock {
     fragment: Vec<u8>,
 }
 
+/// Counts the HEADERS frames in a byte stream that starts at a frame boundary, across reads,
+/// without copying it: how a connection that needs no rewriting is watched (its requests
+/// keep the idle deadline away).
+#[derive(Debug, Default)]
+pub(super) struct FrameCounter {
+    header: [u8; FRAME_HEADER_LEN],
+    have: usize,
+    skip: usize,
+}
+
+impl FrameCounter {
+    /// Walks `bytes`; returns how many HEADERS frames began in them.
+    pub(super) fn scan(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut started = 0;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER_LEN - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == FRAME_HEADER_LEN {
+                let h = &self.header;
+                self.skip = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                if h[3] == TYPE_HEADERS {
+                    started += 1;
+                }
+                self.have = 0;
+            }
+        }
+        started
+    }
+}
+
 /// The byte-level rewriter, separate from I/O so it can be tested on its own.
 pub(super) struct Rewriter {
     stage: Stage,
@@ -128,6 +166,29 @@ impl Rewriter {
     /// How many request header blocks this connection has sent.
     pub(super) fn requests(&self) -> u64 {
         self.requests
+    }
+
+    /// Once nothing on this connection needs rewriting and every byte handed in has been
+    /// handed out: the bytes of a partial frame still held, moved to the output, and a
+    /// counter positioned after them, so the caller can read the socket straight into the
+    /// server's buffer from now on.
+    pub(super) fn start_zero_copy(&mut self) -> Option<FrameCounter> {
+        if self.inspect || self.stage != Stage::Frames || self.pending.is_some() {
+            return None;
+        }
+        if !self.output.is_empty() {
+            return None;
+        }
+        let rest = self.input.split();
+        let mut counter = FrameCounter::default();
+        self.requests += counter.scan(&rest);
+        self.output.extend_from_slice(&rest);
+        Some(counter)
+    }
+
+    /// Requests counted outside the rewriter (zero-copy mode).
+    pub(super) fn add_requests(&mut self, n: u64) {
+        self.requests += n;
     }
 
     /// How many `:authority` values this connection has had replaced.
@@ -461,6 +522,9 @@ pub(super) struct AuthorityShim<S> {
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The accept loop's handle on this connection, and its eviction signal.
     ticket: Option<(std::sync::Arc<ConnTicket>, Eviction)>,
+    /// Set once the rewriter has nothing left to do: reads then go straight into the
+    /// server's buffer and frames are only counted.
+    zero_copy: Option<FrameCounter>,
 }
 
 impl<S> AuthorityShim<S> {
@@ -485,6 +549,7 @@ impl<S> AuthorityShim<S> {
             seen_requests: 0,
             handshaken: false,
             _slot: Some(slot),
+            zero_copy: None,
         }
     }
 
@@ -572,6 +637,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            if this.zero_copy.is_none() {
+                this.zero_copy = this.rewriter.start_zero_copy();
+                if this.zero_copy.is_some() {
+                    // A partial frame may have been moved to the output: serve it first.
+                    continue;
+                }
+            }
+            if let Some(counter) = this.zero_copy.as_mut() {
+                let before = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                // The idle deadline sees these at the top of the next poll, before it is
+                // checked.
+                let started = counter.scan(&buf.filled()[before..]);
+                this.rewriter.add_requests(started);
                 return Poll::Ready(Ok(()));
             }
             let mut scratch = [0u8; 8192];
@@ -771,6 +852,25 @@ mod tests {
         assert_eq!(rw.output().to_vec(), input, "untouched");
         assert_eq!(rw.requests(), 3, "still counted, for the idle timeout");
         assert_eq!(rw.rewritten(), 0);
+    }
+
+    #[test]
+    fn the_frame_counter_counts_headers_across_any_split() {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut stream = Vec::new();
+        stream.extend(headers_frame(&mut enc, Some(b"localhost"), 0));
+        let mut data = BytesMut::new();
+        put_frame_header(&mut data, 5, 0x0, FLAG_END_STREAM, 1);
+        data.extend_from_slice(&[0, 0, 0, 0, 1]);
+        stream.extend_from_slice(&data);
+        stream.extend(headers_frame(&mut enc, Some(b"localhost"), FLAG_END_STREAM));
+        for split in 1..stream.len() {
+            let mut c = FrameCounter::default();
+            let n = c.scan(&stream[..split]) + c.scan(&stream[split..]);
+            assert_eq!(n, 2, "split at {split}");
+        }
+        let mut c = FrameCounter::default();
+        assert_eq!(stream.iter().map(|b| c.scan(&[*b])).sum::<u64>(), 2);
     }
 
     #[test]
