@@ -291,7 +291,10 @@ where
 
 /// Whether the request carries a `grpc-timeout` no longer than `limit` (gRPC over HTTP/2:
 /// up to 8 digits and a unit, `H`, `M`, `S`, `m`, `u` or `n`).
-fn client_deadline_within<B>(req: &http::Request<B>, limit: std::time::Duration) -> bool {
+pub(super) fn client_deadline_within<B>(
+    req: &http::Request<B>,
+    limit: std::time::Duration,
+) -> bool {
     let Some(v) = req.headers().get("grpc-timeout").map(|v| v.as_bytes()) else {
         return false;
     };

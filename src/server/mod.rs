@@ -1,6 +1,28 @@
 //! The gRPC server on the Unix socket: the KMS services, limits, and graceful drain.
 
 mod authority;
+
+/// The request path's pieces, exposed for the criterion benches (`benches/hot_path.rs`) only.
+#[doc(hidden)]
+pub mod bench_support {
+    /// Runs a fresh `:authority` shim over one connection's client bytes; returns the bytes
+    /// it hands to the HTTP/2 server (0 on a framing error).
+    pub fn shim(client_bytes: &[u8]) -> usize {
+        let mut rw = super::authority::Rewriter::new();
+        match rw.feed(client_bytes) {
+            Ok(()) => rw.output().len(),
+            Err(_) => 0,
+        }
+    }
+
+    /// What the guard works out before a call: the method's labels and whether the client's
+    /// own deadline spares the server a timer.
+    pub fn guard_decision<B>(req: &http::Request<B>) -> (&'static str, &'static str, bool) {
+        let (api, method) = super::guard::classify(req.uri().path());
+        let spared = super::guard::client_deadline_within(req, std::time::Duration::from_secs(5));
+        (api, method, spared)
+    }
+}
 mod guard;
 mod incoming;
 pub mod socket;
