@@ -45,6 +45,21 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     (id, recipient)
 }
 
+/// `keystore export` of `ws`'s keystore to `recipient` into `out`.
+fn export(ws: &Workspace, recipient: &str, out: &Path) -> Output {
+    let ks = ws.keystore_args();
+    let mut args = vec![
+        "keystore",
+        "export",
+        "--recipient",
+        recipient,
+        "--out",
+        s(out),
+    ];
+    args.extend(ks.iter().map(String::as_str));
+    localkms(&args)
+}
+
 /// The newest backup in `dir`.
 fn newest_backup(dir: &Path) -> PathBuf {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -311,18 +326,9 @@ fn bad_backups_wrong_identities_and_foreign_keystores_are_refused_without_writin
     let backup = ws.dir.path().join("b.age");
     let ks = ws.keystore_args();
     let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
-    let mut args = vec![
-        "keystore",
-        "export",
-        "--recipient",
-        &recipient,
-        "--out",
-        s(&backup),
-    ];
-    args.extend(&ks);
-    ok(&localkms(&args));
+    ok(&export(&ws, &recipient, &backup));
     // Never overwritten without --force; the identity file neither.
-    assert!(err(&localkms(&args)).contains("--force"));
+    assert!(err(&export(&ws, &recipient, &backup)).contains("--force"));
     assert!(
         err(&localkms(&["recovery", "keygen", "--out", s(&identity)])).contains("already exists")
     );
@@ -370,17 +376,7 @@ fn bad_backups_wrong_identities_and_foreign_keystores_are_refused_without_writin
     // A backup of another keystore is refused when merging into this one, unless allowed.
     let other = Workspace::new();
     let other_backup = ws.dir.path().join("other.age");
-    let oks = other.keystore_args();
-    let mut args = vec![
-        "keystore",
-        "export",
-        "--recipient",
-        &recipient,
-        "--out",
-        s(&other_backup),
-    ];
-    args.extend(oks.iter().map(String::as_str));
-    ok(&localkms(&args));
+    ok(&export(&other, &recipient, &other_backup));
     let mut merge = vec![
         "keystore",
         "import",
@@ -417,16 +413,7 @@ fn a_merge_with_the_same_key_id_and_other_material_is_refused() {
     let backup = ws.dir.path().join("b.age");
     let ks = ws.keystore_args();
     let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
-    let mut args = vec![
-        "keystore",
-        "export",
-        "--recipient",
-        &recipient,
-        "--out",
-        s(&backup),
-    ];
-    args.extend(&ks);
-    ok(&localkms(&args));
+    ok(&export(&ws, &recipient, &backup));
     // Forge a backup: same key id, other material, sealed to the same recipient.
     let opener = sealing::read_identity_file(&identity).expect("identity");
     let plain =
@@ -484,17 +471,7 @@ fn an_import_killed_midway_never_leaves_a_keystore_that_opens_incomplete() {
         ok(&ws.keys(&["rotate"]));
     }
     let backup = ws.dir.path().join("b.age");
-    let ks = ws.keystore_args();
-    let mut args = vec![
-        "keystore",
-        "export",
-        "--recipient",
-        &recipient,
-        "--out",
-        s(&backup),
-    ];
-    args.extend(ks.iter().map(String::as_str));
-    ok(&localkms(&args));
+    ok(&export(&ws, &recipient, &backup));
     // A passphrase root key makes the import spend most of its time in Argon2 and the write,
     // so the kills land before, during and after the write.
     let pass = ws.dir.path().join("pass");
@@ -558,17 +535,7 @@ fn the_age_cli_opens_a_backup() {
     let ws = Workspace::new();
     let (identity, recipient) = keygen(ws.dir.path(), "id.txt");
     let backup = ws.dir.path().join("b.age");
-    let ks = ws.keystore_args();
-    let mut args = vec![
-        "keystore",
-        "export",
-        "--recipient",
-        &recipient,
-        "--out",
-        s(&backup),
-    ];
-    args.extend(ks.iter().map(String::as_str));
-    ok(&localkms(&args));
+    ok(&export(&ws, &recipient, &backup));
     let out = Command::new("age")
         .args(["-d", "-i", s(&identity), s(&backup)])
         .output()

@@ -402,10 +402,7 @@ fn decode_body(body: &[u8]) -> Result<Body, FormatError> {
             material,
         });
     }
-    let primaries = records
-        .iter()
-        .filter(|r| r.state == KeyState::Primary)
-        .count();
+    let primaries = crate::keystore::model::primaries(&records);
     if primaries != 1 {
         return Err(corrupted(&format!(
             "{primaries} primary keys; exactly one is required"

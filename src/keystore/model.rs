@@ -364,6 +364,15 @@ pub struct DestroyEvidence {
     pub last_decrypt_at: Option<Option<i64>>,
 }
 
+/// How many of `records` are primary: a keystore read from anywhere (a file, a backup) must
+/// have exactly one.
+pub fn primaries(records: &[KekRecord]) -> usize {
+    records
+        .iter()
+        .filter(|r| r.state == KeyState::Primary)
+        .count()
+}
+
 /// Every KEK the cluster's data may be sealed under, the audit trail, and the write generation.
 #[derive(Debug)]
 pub struct Keystore {

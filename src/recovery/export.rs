@@ -312,10 +312,7 @@ pub fn decode(bytes: &[u8]) -> Result<Export, ExportError> {
             material,
         });
     }
-    let primaries = records
-        .iter()
-        .filter(|r| r.state == KeyState::Primary)
-        .count();
+    let primaries = crate::keystore::model::primaries(&records);
     if primaries != 1 {
         return Err(ExportError::Invalid(format!(
             "it has {primaries} primary keys instead of one"
