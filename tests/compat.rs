@@ -359,3 +359,88 @@ async fn the_apiserver_checks_hold() {
 
 #[allow(dead_code)]
 fn _uses(_: Server) {}
+
+/// A connection whose first request has a valid authority is passed through untouched; if
+/// the same connection later sends a socket-path authority, only that request fails (the
+/// HTTP/2 layer resets it, as it would with no shim), the first is answered, and the server
+/// goes on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_invalid_authority_on_a_passed_through_connection_fails_alone() {
+    let server = support::InProcess::start().await;
+    let socket = server.socket.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        use common::raw_h2::{frame, PREFACE};
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut enc = loona_hpack::Encoder::new();
+        let block = |enc: &mut loona_hpack::Encoder<'_>, authority: &[u8]| {
+            enc.encode([
+                (&b":method"[..], &b"POST"[..]),
+                (b":scheme", b"http"),
+                (b":path", b"/v2.KeyManagementService/Status"),
+                (b":authority", authority),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ])
+        };
+        let empty_message = [0u8, 0, 0, 0, 0];
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        out.extend(frame(0x1, 0x4, 1, &block(&mut enc, b"localhost")));
+        out.extend(frame(0x0, 0x1, 1, &empty_message));
+        out.extend(frame(0x1, 0x4, 3, &block(&mut enc, b"/var/run/kms.sock")));
+        out.extend(frame(0x0, 0x1, 3, &empty_message));
+        s.write_all(&out).expect("write");
+        // Read until stream 1 has its trailers and stream 3 is settled (reset, refused, or
+        // the connection closed).
+        let (mut one_ok, mut three_failed) = (false, false);
+        let mut buf = Vec::new();
+        let mut dec = loona_hpack::Decoder::new();
+        let mut chunk = [0u8; 4096];
+        while !(one_ok && three_failed) {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    three_failed = true;
+                    break;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                match (kind, stream) {
+                    (0x4, 0) if flags & 1 == 0 => s.write_all(&frame(0x4, 1, 0, &[])).expect("ack"),
+                    (0x1, 1) if flags & 1 != 0 => {
+                        let headers = dec.decode(&payload).expect("hpack");
+                        one_ok = headers
+                            .iter()
+                            .any(|(n, v)| n == b"grpc-status" && v == b"0");
+                    }
+                    (0x1, _) => {
+                        dec.decode(&payload).expect("hpack");
+                    }
+                    (0x3, 3) | (0x7, _) => three_failed = true,
+                    _ => {}
+                }
+            }
+        }
+        (one_ok, three_failed)
+    })
+    .await
+    .expect("raw client");
+    assert_eq!(outcome, (true, true));
+    // The server is unharmed.
+    let mut c = client(&server.endpoint()).await.expect("connect");
+    c.status(localkms::proto::v2::StatusRequest {})
+        .await
+        .expect("status after the bad request");
+}
