@@ -590,7 +590,8 @@ pub struct ServeArgs {
     /// A client must send its HTTP/2 preface within this time.
     #[arg(long, env = "LOCALKMS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
-    /// Close a connection that sends no request for this long (clients reconnect as needed).
+    /// Close a connection that sends no request for this long (at most twice this; clients
+    /// reconnect as needed).
     #[arg(long, env = "LOCALKMS_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// Serve /metrics, /healthz, /readyz and /livez on this address (loopback only unless

@@ -467,6 +467,10 @@ pub(super) struct ConnTicket {
     idle_since_ms: std::sync::atomic::AtomicU64,
     /// Notified to evict.
     pub evict: std::sync::Arc<tokio::sync::Notify>,
+    /// Set (before the notification) when the accept loop evicts the connection: the
+    /// connection checks this flag on every read and polls the notification only once, to
+    /// register for the wake-up.
+    pub evicted: std::sync::atomic::AtomicBool,
 }
 
 impl ConnTicket {
@@ -480,6 +484,7 @@ impl ConnTicket {
             active: Default::default(),
             idle_since_ms: Default::default(),
             evict: Default::default(),
+            evicted: Default::default(),
         }
     }
 
@@ -525,6 +530,10 @@ pub(super) struct AuthorityShim<S> {
     /// Set once the rewriter has nothing left to do: reads then go straight into the
     /// server's buffer and frames are only counted.
     zero_copy: Option<FrameCounter>,
+    /// Requests arrived since the idle deadline was last set.
+    active_since_armed: bool,
+    /// The eviction notification has been polled once (so it will wake this connection).
+    evict_registered: bool,
 }
 
 impl<S> AuthorityShim<S> {
@@ -550,6 +559,8 @@ impl<S> AuthorityShim<S> {
             handshaken: false,
             _slot: Some(slot),
             zero_copy: None,
+            active_since_armed: false,
+            evict_registered: false,
         }
     }
 
@@ -590,7 +601,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
                     .handshaken
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            if evict.as_mut().poll(cx).is_ready() {
+            let evicted = ticket.evicted.load(std::sync::atomic::Ordering::Acquire)
+                || (!this.evict_registered && evict.as_mut().poll(cx).is_ready());
+            this.evict_registered = true;
+            if evicted {
                 // Polled once more, the finished signal would panic: drop it with the ticket.
                 ticket
                     .closed
@@ -605,18 +619,30 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
         if let Some(deadline) = this.deadline.as_mut() {
             let requests = this.rewriter.requests();
             let handshaken = this.rewriter.stage != Stage::Preface;
-            if (handshaken && !this.handshaken) || requests != this.seen_requests {
-                this.handshaken = handshaken;
-                this.seen_requests = requests;
-                // Far enough in the future to mean "never" when the idle limit is unbounded.
-                let at = tokio::time::Instant::now()
-                    .checked_add(this.idle)
+            // Far enough in the future to mean "never" when the idle limit is unbounded.
+            let idle_deadline = |idle| {
+                tokio::time::Instant::now()
+                    .checked_add(idle)
                     .unwrap_or_else(|| {
                         tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
-                    });
-                deadline.as_mut().reset(at);
+                    })
+            };
+            if handshaken && !this.handshaken {
+                this.handshaken = true;
+                this.seen_requests = requests;
+                deadline.as_mut().reset(idle_deadline(this.idle));
+            } else if requests != this.seen_requests {
+                // No timer work per request: the deadline is moved when it comes due, so a
+                // quiet connection closes between one and two --idle-timeout after its last
+                // request.
+                this.seen_requests = requests;
+                this.active_since_armed = true;
             }
             // Polled every time, so the timer can wake this connection up.
+            if deadline.as_mut().poll(cx).is_ready() && this.active_since_armed {
+                this.active_since_armed = false;
+                deadline.as_mut().reset(idle_deadline(this.idle));
+            }
             if deadline.as_mut().poll(cx).is_ready() {
                 let why = if this.handshaken {
                     "connection idle for longer than --idle-timeout; closing it"

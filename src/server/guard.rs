@@ -46,7 +46,27 @@ impl GuardConfig {
 }
 
 /// Requests in flight per peer uid.
-type PeerCounts = Arc<Mutex<HashMap<u32, usize>>>;
+type PeerCounts = Arc<Mutex<HashMap<u32, usize, std::hash::BuildHasherDefault<UidHasher>>>>;
+
+/// Uids are small integers chosen by the system, not by the caller: they need no SipHash
+/// (which this map paid twice per request), the value itself spreads well enough.
+#[derive(Default)]
+struct UidHasher(u64);
+
+impl std::hash::Hasher for UidHasher {
+    fn finish(&self) -> u64 {
+        // Spread the low bits over the whole word for the table's top-bit grouping.
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n);
+    }
+}
 
 /// The layer; clone it freely.
 #[derive(Clone)]

@@ -168,6 +168,9 @@ pub(super) fn accept_stream(
                         );
                         unlogged_evictions = 0;
                     }
+                    victim
+                        .evicted
+                        .store(true, std::sync::atomic::Ordering::Release);
                     victim.evict.notify_one();
                 }
                 tokio::select! {
