@@ -151,6 +151,16 @@ impl Shared {
     }
 }
 
+/// The deadline kube-apiserver gives each KMS call by default (the provider's `timeout`, 3 s),
+/// sent as `grpc-timeout` like grpc-go does, so the server sees what it sees in a cluster.
+const APISERVER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn as_apiserver<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(APISERVER_DEADLINE);
+    request
+}
+
 async fn one(
     client: &mut Client,
     shared: &Shared,
@@ -159,46 +169,46 @@ async fn one(
     let plaintext = vec![0x5au8; shared.opts.plaintext_size];
     match (client, op) {
         (Client::V2(c), BenchOp::Status) => c
-            .status(crate::proto::v2::StatusRequest {})
+            .status(as_apiserver(crate::proto::v2::StatusRequest {}))
             .await
             .map(|_| None),
         (Client::V2(c), BenchOp::Encrypt | BenchOp::Mixed) => c
-            .encrypt(crate::proto::v2::EncryptRequest {
+            .encrypt(as_apiserver(crate::proto::v2::EncryptRequest {
                 plaintext,
                 uid: "localkms-bench".into(),
-            })
+            }))
             .await
             .map(|r| {
                 let r = r.into_inner();
                 Some((r.ciphertext, r.key_id))
             }),
         (Client::V2(c), BenchOp::Decrypt) => c
-            .decrypt(crate::proto::v2::DecryptRequest {
+            .decrypt(as_apiserver(crate::proto::v2::DecryptRequest {
                 ciphertext: shared.ciphertext.clone(),
                 uid: "localkms-bench".into(),
                 key_id: shared.key_id.clone(),
                 annotations: Default::default(),
-            })
+            }))
             .await
             .map(|_| None),
         (Client::V1(c), BenchOp::Status) => c
-            .version(crate::proto::v1beta1::VersionRequest {
+            .version(as_apiserver(crate::proto::v1beta1::VersionRequest {
                 version: "v1beta1".into(),
-            })
+            }))
             .await
             .map(|_| None),
         (Client::V1(c), BenchOp::Encrypt | BenchOp::Mixed) => c
-            .encrypt(crate::proto::v1beta1::EncryptRequest {
+            .encrypt(as_apiserver(crate::proto::v1beta1::EncryptRequest {
                 version: "v1beta1".into(),
                 plain: plaintext,
-            })
+            }))
             .await
             .map(|r| Some((r.into_inner().cipher, String::new()))),
         (Client::V1(c), BenchOp::Decrypt) => c
-            .decrypt(crate::proto::v1beta1::DecryptRequest {
+            .decrypt(as_apiserver(crate::proto::v1beta1::DecryptRequest {
                 version: "v1beta1".into(),
                 cipher: shared.ciphertext.clone(),
-            })
+            }))
             .await
             .map(|_| None),
     }

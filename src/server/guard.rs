@@ -294,13 +294,7 @@ where
                     }
                 }
             };
-            let response = malformed_is_invalid_argument(oversized_is_resource_exhausted(response));
-            let code = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .map_or(Code::Ok, Code::from_i32);
+            let (response, code) = caller_errors_named(response);
             config
                 .metrics
                 .observe_request(api, method, code, start.elapsed().as_secs_f64());
@@ -315,7 +309,7 @@ pub(super) fn client_deadline_within<B>(
     req: &http::Request<B>,
     limit: std::time::Duration,
 ) -> bool {
-    let Some(v) = req.headers().get("grpc-timeout").map(|v| v.as_bytes()) else {
+    let Some(v) = req.headers().get(&GRPC_TIMEOUT).map(|v| v.as_bytes()) else {
         return false;
     };
     let Some((&unit, digits)) = v.split_last() else {
@@ -339,55 +333,59 @@ pub(super) fn client_deadline_within<B>(
     d <= limit
 }
 
-/// tonic answers a message over the size limit with `OutOfRange` before reading it; localkms
-/// promises `ResourceExhausted` (what grpc-go sends for the same case). None of localkms's own
-/// handlers return `OutOfRange`, so the mapping cannot hide anything else.
-fn oversized_is_resource_exhausted(
-    mut response: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    let out_of_range = response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"11");
-    if out_of_range {
-        response
-            .headers_mut()
-            .insert("grpc-status", http::HeaderValue::from_static("8"));
-    }
-    response
-}
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
-/// tonic answers a body that is not valid protobuf, or a call with no message at all, with
-/// `Internal`; both are the caller's mistake, so localkms answers `InvalidArgument` (its own
-/// handlers never return `Internal` with these messages).
-fn malformed_is_invalid_argument(
+/// The response's gRPC code, with tonic's answers to the caller's own mistakes renamed to
+/// what localkms promises (one header lookup; a successful call carries its status in the
+/// trailers, so an absent header means OK):
+/// - a message over the size limit: tonic says `OutOfRange` before reading it; localkms
+///   answers `ResourceExhausted`, as grpc-go does. None of localkms's handlers return
+///   `OutOfRange`, so the mapping hides nothing else.
+/// - a body that is not valid protobuf, or a call with no message: tonic says `Internal`;
+///   localkms answers `InvalidArgument` (its handlers never return `Internal` with these
+///   messages).
+fn caller_errors_named(
     mut response: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    let internal = response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"13");
-    if !internal {
-        return response;
-    }
-    let message = response
-        .headers()
-        .get("grpc-message")
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).replace("%20", " "))
-        .unwrap_or_default();
-    let replacement = if message.starts_with("failed to decode Protobuf message") {
-        "request body is not a valid protobuf message for this method"
-    } else if message.starts_with("Missing request message") {
-        "request has no message: a unary call must send exactly one"
-    } else {
-        return response;
+) -> (http::Response<tonic::body::Body>, Code) {
+    let code = match response.headers().get(&GRPC_STATUS) {
+        None => return (response, Code::Ok),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .map_or(Code::Ok, Code::from_i32),
     };
-    let headers = response.headers_mut();
-    headers.insert("grpc-status", http::HeaderValue::from_static("3"));
-    if let Ok(v) = http::HeaderValue::from_str(&replacement.replace(' ', "%20")) {
-        headers.insert("grpc-message", v);
+    match code {
+        Code::OutOfRange => {
+            response
+                .headers_mut()
+                .insert(GRPC_STATUS, http::HeaderValue::from_static("8"));
+            (response, Code::ResourceExhausted)
+        }
+        Code::Internal => {
+            let message = response
+                .headers()
+                .get(&GRPC_MESSAGE)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).replace("%20", " "))
+                .unwrap_or_default();
+            let replacement = if message.starts_with("failed to decode Protobuf message") {
+                "request body is not a valid protobuf message for this method"
+            } else if message.starts_with("Missing request message") {
+                "request has no message: a unary call must send exactly one"
+            } else {
+                return (response, code);
+            };
+            let headers = response.headers_mut();
+            headers.insert(GRPC_STATUS, http::HeaderValue::from_static("3"));
+            if let Ok(v) = http::HeaderValue::from_str(&replacement.replace(' ', "%20")) {
+                headers.insert(GRPC_MESSAGE, v);
+            }
+            (response, Code::InvalidArgument)
+        }
+        _ => (response, code),
     }
-    response
 }
 
 #[cfg(test)]

@@ -153,8 +153,9 @@ pub async fn run(
     let incoming = incoming::accept_stream(listener, limits.accept.clone(), move || {
         metrics.rejected_peer()
     });
+    // HTTP/2 itself holds each connection to MAX_STREAMS_PER_CONNECTION streams; a tower
+    // concurrency limit on top would only add a semaphore to every request.
     let serve = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
