@@ -352,6 +352,27 @@ pub fn decode(bytes: &[u8]) -> Result<Export, ExportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A decrypted backup is attacker-shaped input too: decoding never panics.
+        #[test]
+        fn any_bytes_decode_to_an_error_or_an_export(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = decode(&bytes);
+        }
+
+        /// Damage anywhere in a real export: an error or a consistent export, never a panic.
+        #[test]
+        fn a_damaged_export_never_panics(at in 0usize..2000, byte in any::<u8>()) {
+            let ks = crate::keystore::model::tests::fresh();
+            let mut bytes = encode(&ks, OffsetDateTime::now_utc()).expect("encode").to_vec();
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            if let Ok(e) = decode(&bytes) {
+                prop_assert_eq!(crate::keystore::model::primaries(&e.records), 1);
+            }
+        }
+    }
     use crate::keystore::model::tests::{actor, fresh};
 
     #[test]

@@ -302,6 +302,18 @@ pub fn combine(shares: &[(String, Share)]) -> Result<Zeroizing<String>, ShareErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A share file is typed or pasted by people: any text parses or is refused, and
+        /// combining whatever parsed never panics.
+        #[test]
+        fn any_share_text_is_parsed_or_refused(text in "localkms recovery share v1\n(set|number|threshold|shares|recipient|data): [ -~]{0,60}\n{0,3}") {
+            if let Ok(share) = parse("x", &text) {
+                let _ = combine(&[("x".to_owned(), share)]);
+            }
+        }
+    }
 
     fn parsed(texts: &[(u8, String)], pick: &[usize]) -> Vec<(String, Share)> {
         pick.iter()

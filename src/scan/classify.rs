@@ -168,6 +168,26 @@ pub fn classify(value: &[u8]) -> Stored {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever etcd holds, classifying it returns a class, never panics.
+        #[test]
+        fn any_value_is_classified_without_panicking(
+            prefix in prop_oneof![
+                Just(&b"k8s:enc:kms:v2:"[..]),
+                Just(&b"k8s:enc:kms:v1:"[..]),
+                Just(&b"k8s:enc:"[..]),
+                Just(&b""[..]),
+            ],
+            rest in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut value = prefix.to_vec();
+            value.extend_from_slice(&rest);
+            let class = classify(&value);
+            let _ = (class.format(), class.kek(), class.mismatched());
+        }
+    }
     use crate::crypto::envelope::{seal, Api};
     use crate::crypto::SecretKey;
     use crate::key_id::KeyId;
