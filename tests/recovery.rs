@@ -125,22 +125,34 @@ async fn failures(endpoint: &str, saved: &[(Vec<u8>, String, Vec<u8>)]) -> usize
     failed
 }
 
-/// Imports `backup` with `identity` into a fresh keystore under a fresh root key in `dir`.
-fn import_fresh(dir: &Path, backup: &Path, identity: &Path) -> (PathBuf, PathBuf) {
-    let keystore = dir.join("restored/keystore.lkms");
-    let root = dir.join("restored/root.key");
-    let out = ok(&localkms(&[
+/// `keystore import --in BACKUP --identity IDENTITY`, for the caller to add the target to.
+fn import_args<'a>(backup: &'a Path, identity: &'a Path) -> Vec<&'a str> {
+    vec![
         "keystore",
         "import",
         "--in",
         s(backup),
         "--identity",
         s(identity),
-        "--keystore",
-        s(&keystore),
-        "--root-key-file",
-        s(&root),
-    ]));
+    ]
+}
+
+/// A backup's decrypted JSON, opened with the library as `keystore import` opens it.
+fn open_backup(backup: &Path, identity: &Path) -> serde_json::Value {
+    use localkms::recovery::sealing;
+    let opener = sealing::read_identity_file(identity).expect("identity");
+    let plain =
+        sealing::open(backup, &std::fs::read(backup).expect("read"), &opener).expect("open");
+    serde_json::from_slice(&plain).expect("json")
+}
+
+/// Imports `backup` with `identity` into a fresh keystore under a fresh root key in `dir`.
+fn import_fresh(dir: &Path, backup: &Path, identity: &Path) -> (PathBuf, PathBuf) {
+    let keystore = dir.join("restored/keystore.lkms");
+    let root = dir.join("restored/root.key");
+    let mut args = import_args(backup, identity);
+    args.extend(["--keystore", s(&keystore), "--root-key-file", s(&root)]);
+    let out = ok(&localkms(&args));
     assert!(out.contains("restored"), "{out}");
     (keystore, root)
 }
@@ -340,18 +352,9 @@ fn bad_backups_wrong_identities_and_foreign_keystores_are_refused_without_writin
     let target = ws.dir.path().join("new/ks.lkms");
     let target_root = ws.dir.path().join("new/root.key");
     let import = |input: &Path, id: &Path| {
-        localkms(&[
-            "keystore",
-            "import",
-            "--in",
-            s(input),
-            "--identity",
-            s(id),
-            "--keystore",
-            s(&target),
-            "--root-key-file",
-            s(&target_root),
-        ])
+        let mut args = import_args(input, id);
+        args.extend(["--keystore", s(&target), "--root-key-file", s(&target_root)]);
+        localkms(&args)
     };
     let e = err(&import(&backup, &other_identity));
     assert!(
@@ -377,15 +380,8 @@ fn bad_backups_wrong_identities_and_foreign_keystores_are_refused_without_writin
     let other = Workspace::new();
     let other_backup = ws.dir.path().join("other.age");
     ok(&export(&other, &recipient, &other_backup));
-    let mut merge = vec![
-        "keystore",
-        "import",
-        "--merge",
-        "--in",
-        s(&other_backup),
-        "--identity",
-        s(&identity),
-    ];
+    let mut merge = import_args(&other_backup, &identity);
+    merge.push("--merge");
     merge.extend(&ks);
     let e = err(&localkms(&merge));
     assert!(e.contains("--allow-different-keystore"), "{e}");
@@ -393,14 +389,7 @@ fn bad_backups_wrong_identities_and_foreign_keystores_are_refused_without_writin
     let out = ok(&localkms(&merge));
     assert!(out.contains("1 key(s) added"), "{out}");
     // Importing it over the existing keystore is refused: it exists.
-    let mut over = vec![
-        "keystore",
-        "import",
-        "--in",
-        s(&backup),
-        "--identity",
-        s(&identity),
-    ];
+    let mut over = import_args(&backup, &identity);
     over.extend(&ks);
     assert!(err(&localkms(&over)).contains("already exists"));
 }
@@ -415,10 +404,7 @@ fn a_merge_with_the_same_key_id_and_other_material_is_refused() {
     let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
     ok(&export(&ws, &recipient, &backup));
     // Forge a backup: same key id, other material, sealed to the same recipient.
-    let opener = sealing::read_identity_file(&identity).expect("identity");
-    let plain =
-        sealing::open(&backup, &std::fs::read(&backup).expect("read"), &opener).expect("open");
-    let mut doc: serde_json::Value = serde_json::from_slice(&plain).expect("json");
+    let mut doc = open_backup(&backup, &identity);
     doc["keys"][0]["material"] = serde_json::Value::String(base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
         [7u8; 32],
@@ -431,15 +417,8 @@ fn a_merge_with_the_same_key_id_and_other_material_is_refused() {
     )
     .expect("write");
     let before = std::fs::read(&ws.keystore).expect("read");
-    let mut merge = vec![
-        "keystore",
-        "import",
-        "--merge",
-        "--in",
-        s(&forged),
-        "--identity",
-        s(&identity),
-    ];
+    let mut merge = import_args(&forged, &identity);
+    merge.push("--merge");
     merge.extend(&ks);
     let e = err(&localkms(&merge));
     assert!(e.contains("DIFFERENT material"), "{e}");
@@ -482,14 +461,7 @@ fn an_import_killed_midway_never_leaves_a_keystore_that_opens_incomplete() {
     for i in 0..12u64 {
         let target = ws.dir.path().join(format!("kill-{i}/ks.lkms"));
         let mut child = Command::new(common::bin())
-            .args([
-                "keystore",
-                "import",
-                "--in",
-                s(&backup),
-                "--identity",
-                s(&identity),
-            ])
+            .args(import_args(&backup, &identity))
             .args(["--keystore", s(&target), "--passphrase-file", s(&pass)])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -611,11 +583,7 @@ fn a_failed_backup_is_logged_counted_and_retried_and_serving_goes_on_without_lea
     // No key material in the (debug) log.
     let log = server.log_text();
     let backup = newest_backup(&backups);
-    let opener = localkms::recovery::sealing::read_identity_file(&identity).expect("identity");
-    let plain =
-        localkms::recovery::sealing::open(&backup, &std::fs::read(&backup).expect("read"), &opener)
-            .expect("open");
-    let doc: serde_json::Value = serde_json::from_slice(&plain).expect("json");
+    let doc = open_backup(&backup, &identity);
     let material = doc["keys"][0]["material"]
         .as_str()
         .expect("material")

@@ -3,7 +3,6 @@
 //! and the recovery identity never has to be on a control-plane node.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -28,14 +27,9 @@ pub enum SealError {
         /// What failed.
         source: std::io::Error,
     },
-    /// A secret file others can read.
-    #[error("{} is mode {mode:04o}: a recovery secret must be readable by its owner only; run `chmod 600 {}`", path.display(), path.display())]
-    Permissions {
-        /// The file.
-        path: PathBuf,
-        /// Its mode.
-        mode: u32,
-    },
+    /// A secret file others can reach, or another user's (the root key's rule).
+    #[error(transparent)]
+    NotPrivate(#[from] crate::keystore::RootKeyError),
     /// No usable identity in the identity file.
     #[error("{} holds no age identity (a line starting with AGE-SECRET-KEY-1); use the file `localkms recovery keygen` or `age-keygen` wrote, or rebuild it with `localkms recovery combine`", path.display())]
     NoIdentity {
@@ -101,33 +95,13 @@ pub fn parse_recipient(s: &str) -> Result<age::x25519::Recipient, String> {
     })
 }
 
-/// Checks a secret file is a regular file owned by us and private.
+/// Checks a secret file is owned by us and private, by the rule root key files follow.
 fn check_secret_file(path: &Path, file: &std::fs::File) -> Result<(), SealError> {
     let meta = file.metadata().map_err(|source| SealError::Io {
         path: path.to_owned(),
         source,
     })?;
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(SealError::Permissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(SealError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "owned by uid {}, not by uid {me} running this command; chown it",
-                    meta.uid()
-                ),
-            ),
-        });
-    }
-    Ok(())
+    Ok(crate::keystore::root_key::check_private(path, &meta)?)
 }
 
 /// Reads a private file (owner-only, regular, bounded) into a wiped-on-drop buffer.
@@ -289,7 +263,9 @@ pub fn open(
     })?;
     let mut out = Zeroizing::new(Vec::with_capacity(ciphertext.len()));
     // Read into the pre-sized buffer in steps so it never grows (and never leaves a copy
-    // behind in a reallocated block): the plaintext is shorter than the ciphertext.
+    // behind in a reallocated block): the plaintext is shorter than the ciphertext. Each
+    // step zero-fills at most one age chunk, not the whole remaining capacity.
+    const STEP: usize = 64 * 1024;
     loop {
         if out.len() == out.capacity() {
             return Err(fail(
@@ -297,7 +273,7 @@ pub fn open(
             ));
         }
         let start = out.len();
-        let room = out.capacity() - start;
+        let room = (out.capacity() - start).min(STEP);
         out.resize(start + room, 0);
         match reader.read(&mut out[start..]) {
             Ok(0) => {

@@ -82,7 +82,6 @@ pub enum ShareError {
 }
 
 /// One parsed share.
-#[derive(Debug)]
 pub struct Share {
     /// Random id of the split it came from (hex).
     pub set: String,
@@ -96,6 +95,19 @@ pub struct Share {
     pub recipient: String,
     /// vsss-rs share bytes: the x coordinate, then one y byte per secret byte.
     data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the share bytes: K of them rebuild the recovery identity.
+        f.debug_struct("Share")
+            .field("set", &self.set)
+            .field("number", &self.number)
+            .field("threshold", &self.threshold)
+            .field("shares", &self.shares)
+            .field("recipient", &self.recipient)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The OS random source (ring) as the `rand_core` 0.10 generator vsss-rs asks for. A failure

@@ -381,8 +381,7 @@ impl Rewriter {
             // Nothing was ever re-encoded on this connection, so the server's HPACK state is
             // the client's: hand the block over as it came, and stop decoding.
             self.inspect = false;
-            let fragment = block.fragment.clone();
-            self.emit(&block, &fragment);
+            self.emit(&block, &block.fragment);
             return Ok(());
         }
         let encoded = self

@@ -104,60 +104,73 @@ impl RawCall {
     }
 
     fn read_reply(&mut self) -> RawReply {
-        let s = &mut self.stream;
         let mut dec = loona_hpack::Decoder::new();
         let mut reply = RawReply::default();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            while buf.len() >= 9 {
-                let len =
-                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let (kind, flags) = (buf[3], buf[4]);
-                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-                let payload = buf[9..9 + len].to_vec();
-                buf.drain(..9 + len);
-                match (kind, stream) {
-                    (0x4, 0) if flags & 1 == 0 => s.write_all(&frame(0x4, 1, 0, &[])).expect("ack"),
-                    (0x0, 1) => reply.body.extend_from_slice(&payload),
-                    (0x1, 1) => {
-                        for (n, v) in dec.decode(&payload).expect("hpack") {
-                            let v = String::from_utf8_lossy(&v).to_string();
-                            match &n[..] {
-                                b":status" => reply.status = Some(v),
-                                b"grpc-status" => reply.grpc_status = Some(v),
-                                _ => {}
-                            }
-                        }
-                        if flags & 1 != 0 {
-                            return reply;
+        read_frames(&mut self.stream, |kind, flags, stream, payload| {
+            match (kind, stream) {
+                (0x0, 1) => reply.body.extend_from_slice(payload),
+                (0x1, 1) => {
+                    for (n, v) in dec.decode(payload).expect("hpack") {
+                        let v = String::from_utf8_lossy(&v).to_string();
+                        match &n[..] {
+                            b":status" => reply.status = Some(v),
+                            b"grpc-status" => reply.grpc_status = Some(v),
+                            _ => {}
                         }
                     }
-                    (0x3, 1) => {
+                    return flags & 1 != 0;
+                }
+                (0x3, 1) => {
+                    reply.reset = true;
+                    return true;
+                }
+                // GOAWAY: only fatal to our stream if it was not accepted (graceful
+                // shutdown announces the last stream it will still finish).
+                (0x7, _) => {
+                    let last = payload.get(..4).map_or(0, |b| {
+                        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff
+                    });
+                    if last < 1 {
                         reply.reset = true;
-                        return reply;
+                        return true;
                     }
-                    // GOAWAY: only fatal to our stream if it was not accepted (graceful
-                    // shutdown announces the last stream it will still finish).
-                    (0x7, _) => {
-                        let last = payload.get(..4).map_or(0, |b| {
-                            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff
-                        });
-                        if last < 1 {
-                            reply.reset = true;
-                            return reply;
-                        }
-                    }
-                    _ => {}
                 }
+                _ => {}
             }
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return reply,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            false
+        });
+        reply
+    }
+}
+
+/// Reads frames from `s`, acknowledging the server's SETTINGS, and hands each other frame
+/// (type, flags, stream id, payload) to `on` until it returns true or the connection ends.
+pub fn read_frames(s: &mut UnixStream, mut on: impl FnMut(u8, u8, u32, &[u8]) -> bool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
             }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            let payload = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            if (kind, stream) == (0x4, 0) {
+                if flags & 1 == 0 {
+                    s.write_all(&frame(0x4, 1, 0, &[])).expect("ack");
+                }
+                continue;
+            }
+            if on(kind, flags, stream, &payload) {
+                return;
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }
