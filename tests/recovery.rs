@@ -341,6 +341,20 @@ fn bad_backups_wrong_identities_and_foreign_keystores_are_refused_without_writin
     ok(&export(&ws, &recipient, &backup));
     // Never overwritten without --force; the identity file neither.
     assert!(err(&export(&ws, &recipient, &backup)).contains("--force"));
+    // Written, then stdout is full: exit 4, and the file and recipient are on stderr.
+    let id2 = ws.dir.path().join("id2.txt");
+    let full = Command::new(common::bin())
+        .args(["recovery", "keygen", "--out", s(&id2)])
+        .stdout(std::fs::File::create("/dev/full").expect("/dev/full"))
+        .output()
+        .expect("run");
+    assert_eq!(full.status.code(), Some(4));
+    let why = String::from_utf8_lossy(&full.stderr);
+    assert!(
+        why.contains("committed: wrote recovery identity") && why.contains("age1"),
+        "{why}"
+    );
+    assert!(id2.exists());
     assert!(
         err(&localkms(&["recovery", "keygen", "--out", s(&identity)])).contains("already exists")
     );

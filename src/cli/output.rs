@@ -23,7 +23,7 @@ pub enum OutputError {
     #[error("cannot write the output to stdout: {0}")]
     Failed(#[source] std::io::Error),
     /// The change is committed; only the answer is lost.
-    #[error("{what} was committed, but its output could not be written to stdout ({source}); `localkms keys history` shows the change")]
+    #[error("{what} was committed, but its output could not be written to stdout ({source}); it need not be redone (`localkms keys history` lists keystore changes)")]
     AfterCommit {
         /// What was committed.
         what: String,

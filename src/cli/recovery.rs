@@ -138,7 +138,7 @@ pub fn keygen(out: &Path) -> Result<Printed, RecoveryError> {
             "wrote the recovery identity to {} (mode 0600). Its recipient, printed above, is what --recipient and --backup-recipient take. Move the identity OFF this machine (offline storage, or split it with `localkms recovery split`): anyone holding it can open every backup",
             out.display()
         ),
-        committed: None,
+        committed: Some(format!("wrote recovery identity {} (recipient {recipient})", out.display())),
     })
 }
 
@@ -181,7 +181,7 @@ pub fn split(
             "split {} into {n} shares; any {k} rebuild it with `localkms recovery combine --out FILE SHARE...`. Give each share to a different person, then delete the identity file and this directory from this machine",
             identity.display()
         ),
-        committed: None,
+        committed: Some(format!("wrote {n} shares to {}", out_dir.display())),
     })
 }
 
@@ -207,7 +207,7 @@ pub fn combine(out: &Path, files: &[PathBuf]) -> Result<Printed, RecoveryError> 
             "rebuilt the recovery identity for {recipient} into {} (mode 0600); delete it once the restore is done",
             out.display()
         ),
-        committed: None,
+        committed: Some(format!("wrote rebuilt identity {}", out.display())),
     })
 }
 
@@ -286,7 +286,7 @@ pub async fn export(
             to.describe(),
             out.display()
         ),
-        committed: None,
+        committed: Some(format!("wrote backup {}", out.display())),
     })
 }
 
