@@ -27,6 +27,7 @@ pub mod key_id;
 pub mod keyring;
 pub mod keystore;
 pub mod recovery;
+pub mod release;
 mod reload;
 pub mod scan;
 pub mod server;

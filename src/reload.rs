@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
+use crate::keyring::refresh::MIN_INTERVAL;
 use crate::keyring::usage::{UsageTracker, FLUSH_INTERVAL};
 use crate::keyring::{Keyring, SharedKeyring};
 use crate::keystore::backend::{blocking, ReloadError, POLL_INTERVAL};
@@ -193,6 +194,17 @@ impl Reloader {
                 return ReloadOutcome::Refused(e.to_string());
             }
         }
+        let upgrade_state = self.store.upgrade_state(self.cache_dir.as_deref());
+        let root_key = match self.root.key_for(ks.kdf()) {
+            Ok(key) => key,
+            Err(e) => return ReloadOutcome::Refused(e.to_string()),
+        };
+        if let Some(state) = &upgrade_state {
+            if let Err(e) = blocking(|| state.check(&ks, &root_key, self.store.location())) {
+                return ReloadOutcome::Refused(e.to_string());
+            }
+        }
+        let finalized = ks.finalized();
         let backup = self.backups.as_ref().and_then(|b| b.seal_logged(&ks));
         let history = ks.history().to_vec();
         let (generation, write_id, keystore_id) =
@@ -223,6 +235,11 @@ impl Reloader {
         if let Some(mark) = &self.high_water {
             if let Err(e) = blocking(|| mark.record(generation, write_id, keystore_id, false)) {
                 tracing::warn!(error = %e, "could not raise the high-water mark");
+            }
+        }
+        if let Some(state) = &upgrade_state {
+            if let Err(e) = blocking(|| state.record_id(finalized, keystore_id, &root_key)) {
+                tracing::warn!(error = %e, "could not record this node's upgrade state");
             }
         }
         self.log_new_history(history);
@@ -368,12 +385,16 @@ impl Reloader {
             Tick,
             Changed,
             Hangup,
+            Missed,
         }
+        let refresh = self.keyring.refresh();
+        let mut last_miss_reload: Option<Instant> = None;
         loop {
             let event = tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(POLL_INTERVAL) => Event::Tick,
                 () = changes.next() => Event::Changed,
+                () = refresh.requested() => Event::Missed,
                 Some(()) = async {
                     match hangup.as_mut() {
                         Some(h) => h.recv().await,
@@ -404,6 +425,21 @@ impl Reloader {
                     }
                 }
                 Event::Changed => self.reload_and_log(false).await,
+                Event::Missed => {
+                    // A Decrypt named a key the keyring lacks: read the keystore now rather
+                    // than wait for the watch, at most once per MIN_INTERVAL.
+                    if let Some(wait) =
+                        last_miss_reload.and_then(|t| MIN_INTERVAL.checked_sub(t.elapsed()))
+                    {
+                        tokio::time::sleep(wait).await;
+                    }
+                    last_miss_reload = Some(Instant::now());
+                    tracing::debug!("a Decrypt named a key not loaded here: reading the keystore before answering");
+                    let ticket = refresh.begin();
+                    self.reload_and_log(false).await;
+                    changes.seen();
+                    refresh.finish(ticket);
+                }
                 Event::Hangup => {
                     tracing::info!("SIGHUP received: reloading the keystore");
                     changes.seen();
@@ -411,6 +447,7 @@ impl Reloader {
                 }
             }
         }
+        refresh.stop_listening();
         self.flush_usage(true);
     }
 }

@@ -8,258 +8,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::etcd::*;
 use common::{bin, client, free_port, localkms, status_key_id, Server};
-use localkms::keystore::EtcdTarget;
 use localkms::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
-
-fn etcd_available() -> bool {
-    let found = Command::new("etcd")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("LOCALKMS_REQUIRE_ETCD").is_none(),
-            "LOCALKMS_REQUIRE_ETCD is set but there is no etcd binary: apt-get install -y etcd-server"
-        );
-        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server); set LOCALKMS_REQUIRE_ETCD=1 to make this a failure");
-    }
-    found
-}
 
 /// Held by the heavy tests (several etcd members, or several servers): run side by side on a
 /// loaded 2-core machine, their elections and leases time out; one at a time they do not.
 /// (A tokio mutex: async tests hold it across awaits.)
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A library etcd client on `url`'s (plaintext, loopback) etcd, for writing what a hostile
-/// writer would.
-fn raw_etcd(url: &str) -> (EtcdTarget, localkms::keystore::backend::etcd::Etcd) {
-    let target = EtcdTarget::parse(url).expect("target");
-    let etcd = localkms::keystore::backend::etcd::Etcd::connect(
-        &target,
-        &localkms::keystore::EtcdTls {
-            insecure: true,
-            ..Default::default()
-        },
-    )
-    .expect("etcd");
-    (target, etcd)
-}
-
-/// One etcd member on loopback ports.
-struct Member {
-    name: String,
-    client: u16,
-    peer: u16,
-    dir: PathBuf,
-    /// Directory with ca.crt, server.crt and server.key: serve clients over TLS and require
-    /// client certificates, as a control plane's etcd does.
-    tls: Option<PathBuf>,
-    child: Option<Child>,
-}
-
-/// A real etcd cluster of one or more members.
-struct Etcd {
-    _tmp: tempfile::TempDir,
-    members: Vec<Member>,
-}
-
-impl Etcd {
-    fn start(n: usize) -> Etcd {
-        Self::start_with(n, None)
-    }
-
-    fn start_with(n: usize, tls: Option<&Path>) -> Etcd {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let mut members: Vec<Member> = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client: free_port(),
-                peer: free_port(),
-                dir: tmp.path().join(format!("m{i}")),
-                tls: tls.map(Path::to_owned),
-                child: None,
-            })
-            .collect();
-        let cluster = members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
-            .collect::<Vec<_>>()
-            .join(",");
-        for m in &mut members {
-            m.child = Some(spawn_member(m, &cluster, tmp.path()));
-        }
-        let etcd = Etcd { _tmp: tmp, members };
-        etcd.wait_healthy();
-        etcd
-    }
-
-    fn url(&self, prefix: &str) -> String {
-        let hosts: Vec<String> = self
-            .members
-            .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client))
-            .collect();
-        format!("etcd://{}/{prefix}", hosts.join(","))
-    }
-
-    fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for m in &self.members {
-            loop {
-                let ok = std::net::TcpStream::connect(("127.0.0.1", m.client)).is_ok();
-                if ok {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "etcd member {} did not start",
-                    m.name
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-
-    fn stop(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self, i: usize) {
-        let cluster = self
-            .members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
-            .collect::<Vec<_>>()
-            .join(",");
-        let log_dir = self.members[i].dir.parent().expect("parent").to_owned();
-        let child = spawn_member(&self.members[i], &cluster, &log_dir);
-        self.members[i].child = Some(child);
-        self.wait_healthy();
-    }
-}
-
-fn spawn_member(m: &Member, cluster: &str, log_dir: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_dir.join(format!("{}.log", m.name)))
-        .expect("log");
-    let scheme = if m.tls.is_some() { "https" } else { "http" };
-    let mut cmd = Command::new("etcd");
-    if let Some(certs) = &m.tls {
-        cmd.arg("--cert-file")
-            .arg(certs.join("server.crt"))
-            .arg("--key-file")
-            .arg(certs.join("server.key"))
-            .arg("--trusted-ca-file")
-            .arg(certs.join("ca.crt"))
-            .arg("--client-cert-auth");
-    }
-    cmd.arg("--name")
-        .arg(&m.name)
-        .arg("--data-dir")
-        .arg(&m.dir)
-        .arg("--listen-client-urls")
-        .arg(format!("{scheme}://127.0.0.1:{}", m.client))
-        .arg("--advertise-client-urls")
-        .arg(format!("{scheme}://127.0.0.1:{}", m.client))
-        .arg("--listen-peer-urls")
-        .arg(format!("http://127.0.0.1:{}", m.peer))
-        .arg("--initial-advertise-peer-urls")
-        .arg(format!("http://127.0.0.1:{}", m.peer))
-        .arg("--initial-cluster")
-        .arg(cluster)
-        .arg("--initial-cluster-state")
-        .arg("new")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn etcd")
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.stop(i);
-        }
-    }
-}
-
-/// A root key and a scratch directory for servers' sockets and caches.
-struct Node {
-    dir: tempfile::TempDir,
-    root_key: PathBuf,
-}
-
-impl Node {
-    fn new() -> Node {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root_key = dir.path().join("root.key");
-        Node { dir, root_key }
-    }
-
-    fn args<'a>(&'a self, url: &'a str) -> Vec<&'a str> {
-        vec![
-            "--keystore",
-            url,
-            "--root-key-file",
-            self.root_key.to_str().expect("utf8"),
-        ]
-    }
-
-    /// `localkms CMD` against the plaintext loopback etcd these tests run.
-    fn run(&self, url: &str, cmd: &[&str]) -> Output {
-        let mut all: Vec<&str> = cmd.to_vec();
-        all.extend(self.args(url));
-        all.push("--etcd-insecure");
-        localkms(&all)
-    }
-
-    fn serve(&self, url: &str, name: &str, extra: &[&str]) -> Server {
-        let socket = self.dir.path().join(format!("{name}.sock"));
-        let mut cmd = Command::new(bin());
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .args(self.args(url))
-            .arg("--etcd-insecure")
-            .arg("--cache-dir")
-            .arg(self.dir.path().join(format!("cache-{name}")))
-            .args(["--node-name", name])
-            .args(extra);
-        Server::spawn(cmd, socket, self.dir.path().join(format!("{name}.log")))
-    }
-}
-
-/// A one-member etcd with a keystore initialised under `prefix`, and a node to drive it.
-fn initialised(prefix: &str) -> (Etcd, String, Node) {
-    let etcd = Etcd::start(1);
-    let url = etcd.url(prefix);
-    let node = Node::new();
-    ok(&node.run(&url, &["init"]));
-    (etcd, url, node)
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Each server encrypts and the next one decrypts, until stopped; returns (successes, failures).
 fn cross_traffic(
@@ -519,7 +281,7 @@ async fn a_server_starts_and_serves_from_its_cache_while_etcd_is_down() {
 }
 
 #[test]
-fn a_vanished_node_stops_blocking_convergence_once_its_lease_expires() {
+fn a_vanished_node_blocks_key_changes_until_it_is_forgotten() {
     if !etcd_available() {
         return;
     }
@@ -557,11 +319,49 @@ fn a_vanished_node_stops_blocking_convergence_once_its_lease_expires() {
         "{verify}"
     );
 
-    // Once the lease expires, b no longer counts and a rotation completes.
+    // Once the lease expires, b is missing, not gone: it is known to the keystore, and a node
+    // that is merely stopped must not be promoted past (it would restart without the key).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok(&node.run(&url, &["nodes"])).contains("\nb ") {
+        assert!(Instant::now() < deadline, "b's record never expired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = ok(&node.run(&url, &["keystore", "verify"]));
+    for cmd in [
+        vec!["keys", "rotate", "--timeout", "5s"],
+        vec!["keys", "promote", staged.as_str()],
+        vec!["keys", "destroy", staged.as_str(), "--force"],
+    ] {
+        let out = node.run(&url, &cmd);
+        assert!(
+            !out.status.success(),
+            "{cmd:?} went ahead past a stopped node"
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            err.contains("node b")
+                && err.contains("nodes forget b")
+                && err.contains("nothing was written"),
+            "{cmd:?}: {err}"
+        );
+    }
+    assert_eq!(
+        ok(&node.run(&url, &["keystore", "verify"])),
+        before,
+        "nothing was written"
+    );
+
+    // Once the operator says b is gone for good, a rotation completes.
+    ok(&node.run(&url, &["nodes", "forget", "b"]));
     let new = ok(&node.run(&url, &["keys", "rotate", "--timeout", "40s"]));
     let verify = ok(&node.run(&url, &["keystore", "verify"]));
     assert!(verify.contains(&format!("key: {new} primary")), "{verify}");
     assert!(!ok(&node.run(&url, &["nodes"])).contains("\nb "));
+    let out = node.run(&url, &["nodes", "forget", "b"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in this keystore's known-node registry"),
+        "forgetting twice says so"
+    );
 }
 
 #[test]
@@ -1075,6 +875,41 @@ async fn forged_node_records_are_ignored_and_reported() {
         err.contains("MAC does not verify") && err.contains("evil") && err.contains("nomac"),
         "{err}"
     );
+
+    // Not counted is not absent: a record that does not verify blocks a key change, named.
+    let staged = ok(&node.run(&url, &["keys", "rotate", "--stage"]));
+    for cmd in [
+        vec!["keys", "rotate", "--timeout", "2s"],
+        vec!["keys", "promote", staged.as_str()],
+    ] {
+        let out = node.run(&url, &cmd);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("node evil's record does not verify")
+                && err.contains("node nomac's record does not verify"),
+            "{cmd:?}: {err}"
+        );
+    }
+    for name in ["evil", "nomac"] {
+        etcd.delete(&format!("{}{name}", target.nodes_prefix()))
+            .await
+            .expect("delete");
+    }
+    // A forged registry entry counts as a known node (it can only make an operator look)
+    // and is named as unverifiable until forgotten.
+    etcd.put(
+        &format!("{}ghost", target.known_prefix()),
+        b"{\"node\":\"ghost\",\"first_seen_unix\":0}".to_vec(),
+        0,
+    )
+    .await
+    .expect("put");
+    let out = node.run(&url, &["keys", "promote", staged.as_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("node ghost"), "{err}");
+    ok(&node.run(&url, &["nodes", "forget", "ghost"]));
+    ok(&node.run(&url, &["keys", "promote", staged.as_str()]));
 }
 
 /// Putting an old revision of the keystore back into etcd does not roll a node back: the next
@@ -1534,4 +1369,67 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
     assert!(text.contains("is of the current generation"), "{text}");
     drop(server);
     drop(etcd);
+}
+
+/// A node frozen (SIGSTOP) across a stage and promote, with a Decrypt for the new key already
+/// waiting on its socket when it resumes: it reads the keystore before answering, rather than
+/// answer NOT_FOUND a few milliseconds before its watch would have loaded the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_frozen_past_a_promote_reloads_before_answering_not_found() {
+    if !etcd_available() {
+        return;
+    }
+    let _heavy = HEAVY.lock().await;
+    let (_etcd, url, node) = initialised("frozen");
+    // A lease long enough that b's record stays live (and fresh) while it is stopped.
+    let a = node.serve(&url, "a", &["--node-ttl", "30s"]);
+    let b = node.serve(&url, "b", &["--node-ttl", "30s"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok(&node.run(&url, &["nodes"])).contains("\nb ") {
+        assert!(Instant::now() < deadline, "b never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A connection to b made (and used) before it stops, as the apiserver's is.
+    let mut to_b = client(&b.endpoint()).await.expect("connect");
+    to_b.status(StatusRequest {}).await.expect("status");
+    b.signal("STOP");
+    let staged = ok(&node.run(&url, &["keys", "rotate", "--stage"]));
+    ok(&node.run(&url, &["keys", "promote", &staged]));
+    while status_key_id(&a.endpoint()).await != staged {
+        assert!(Instant::now() < deadline, "a never loaded {staged}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ct, key_id) = common::encrypt(&a.endpoint(), b"frozen").await;
+    assert_eq!(key_id, staged);
+    // The Decrypt is sent while b is still stopped; b finds it waiting when it resumes.
+    let waiting = tokio::spawn(async move {
+        to_b.decrypt(DecryptRequest {
+            ciphertext: ct,
+            uid: "frozen".into(),
+            key_id,
+            annotations: Default::default(),
+        })
+        .await
+        .map(|r| r.into_inner().plaintext)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.signal("CONT");
+    let plain = waiting
+        .await
+        .expect("join")
+        .expect("decrypt on the resumed node");
+    assert_eq!(plain, b"frozen");
+    // A key no keystore holds still gets NOT_FOUND, naming the possibilities, within the bound.
+    let unknown = "kek-20990101-00000000";
+    // A well-formed envelope (version 2, the id, salt, nonce, sealed seed and tag) under it.
+    let mut envelope = vec![2u8, unknown.len() as u8];
+    envelope.extend_from_slice(unknown.as_bytes());
+    envelope.extend_from_slice(&[0u8; 16 + 12 + 32 + 16]);
+    let started = Instant::now();
+    let err = common::decrypt(&b.endpoint(), &envelope, unknown)
+        .await
+        .expect_err("unknown key");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    assert!(err.message().contains("not yet loaded here"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
 }

@@ -185,7 +185,7 @@ pub struct Printed {
 }
 
 impl Printed {
-    fn out(stdout: impl Into<String>) -> Self {
+    pub(crate) fn out(stdout: impl Into<String>) -> Self {
         Printed {
             stdout: stdout.into(),
             stderr: String::new(),
@@ -193,12 +193,12 @@ impl Printed {
         }
     }
 
-    fn committed(mut self, what: impl Into<String>) -> Self {
+    pub(crate) fn committed(mut self, what: impl Into<String>) -> Self {
         self.committed = Some(what.into());
         self
     }
 
-    fn with_note(mut self, stderr: impl Into<String>) -> Self {
+    pub(crate) fn with_note(mut self, stderr: impl Into<String>) -> Self {
         self.stderr = stderr.into();
         self
     }
@@ -240,6 +240,17 @@ pub enum AdminError {
     /// The command needs an etcd keystore.
     #[error("{0} needs an etcd keystore (--keystore etcd://HOST:PORT/PREFIX)")]
     NeedsEtcd(&'static str),
+    /// A node sharing the keystore blocks the change (see `registry::Blocker`).
+    #[error("{what} refused; nothing was written: {blockers}")]
+    Blocked {
+        /// The change.
+        what: String,
+        /// Every node that blocks it, and what to do.
+        blockers: String,
+    },
+    /// `nodes forget` refused.
+    #[error(transparent)]
+    Forget(#[from] crate::keystore::backend::etcd::registry::ForgetError),
     /// Two-phase rotation stopped at staged.
     #[error("rotation stopped at staged: {key_id} is in the keystore but node(s) {lagging} have not loaded it within {waited_s} s. Nothing encrypts with it yet, so no data is at risk. Check those nodes (localkms nodes), then run `localkms keys promote {key_id}`")]
     NotConverged {
@@ -365,6 +376,10 @@ pub async fn keys_rotate(
     } else {
         o.store.nodes(&o.root).await?
     };
+    if cluster.is_some() {
+        // Refused before anything is staged: the promote that follows would be.
+        super::upgrade::guard_key_change(o, &format!("keys rotate of {name}")).await?;
+    }
     let id = o
         .store
         .update(&o.root, |ks| {
@@ -399,10 +414,11 @@ pub async fn keys_rotate(
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
+            super::upgrade::guard_key_change(o, &format!("promoting {id} (staged; run `localkms keys promote {id}` once fixed)")).await?;
             o.store
                 .update(&o.root, |ks| Ok(ks.promote(id.as_str(), now(), &actor)?))
                 .await?;
-            format!("rotated: every live node loaded {id} before it was promoted; it is now primary in {name}")
+            format!("rotated: every known node is live and loaded {id} before it was promoted; it is now primary in {name}")
         }
     };
     Ok(Printed::out(format!("{id}\n"))
@@ -440,6 +456,17 @@ pub async fn keys_change(
 ) -> Result<Printed, AdminError> {
     let id = id.as_str();
     let actor = Actor::current();
+    match change {
+        KeyChange::Promote => {
+            super::upgrade::guard_key_change(o, &format!("keys promote {id}")).await?
+        }
+        // --force skips the evidence checks, not the nodes: a node that lacks the key's
+        // state is not evidence of anything.
+        KeyChange::Destroy { .. } => {
+            super::upgrade::guard_key_change(o, &format!("keys destroy {id}")).await?
+        }
+        KeyChange::Disable | KeyChange::Enable => {}
+    }
     let guard = match change {
         KeyChange::Destroy { force: true, .. } => Some(DestroyGuard::Force),
         KeyChange::Destroy {

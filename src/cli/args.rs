@@ -50,14 +50,29 @@ pub enum Command {
         #[command(subcommand)]
         command: KeystoreCommand,
     },
-    /// The servers sharing an etcd keystore: what each has loaded, and when it last reported.
+    /// The servers sharing an etcd keystore: what each has loaded, and when it last reported
+    /// (with `forget NODE`: take a node that is gone for good out of the known-node registry).
     Nodes {
+        /// `forget`: take NODE out of the known-node registry, so promote, destroy and
+        /// `upgrade finalize` stop waiting for it (refused while it is live). Without it, list
+        /// the nodes.
+        #[arg(value_enum, requires = "node")]
+        action: Option<NodesAction>,
+        /// The node to forget (its `serve --node-name`).
+        node: Option<String>,
         /// The (etcd) keystore.
         #[command(flatten)]
         keystore: KeystoreArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Rolling upgrades: see whether every node runs this release, then finalize the upgrade
+    /// so the keystore moves to this release's format.
+    Upgrade {
+        /// What to do.
+        #[command(subcommand)]
+        command: UpgradeCommand,
     },
     /// Re-seal the keystore under a new root key.
     RootKey {
@@ -109,6 +124,34 @@ pub enum Command {
         /// Give up after this long (`5s`, `500ms`; a bare number is seconds).
         #[arg(long, env = "LOCALKMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+}
+
+/// What `nodes` does besides listing.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NodesAction {
+    /// Take NODE out of the known-node registry.
+    Forget,
+}
+
+/// `upgrade` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UpgradeCommand {
+    /// This build's release, the keystore's format, and each known node's release.
+    Status {
+        /// The keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the keystore to this release's format. Refused while any known node is missing,
+    /// stale or on an older release; afterwards the previous release cannot read it.
+    Finalize {
+        /// The keystore.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
     },
 }
 

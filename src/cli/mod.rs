@@ -10,6 +10,7 @@ pub mod hardening;
 pub mod output;
 pub mod recovery;
 mod run;
+mod upgrade;
 
 pub use args::*;
 pub use run::run;

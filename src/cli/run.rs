@@ -7,8 +7,8 @@ use anyhow::{anyhow, Context};
 
 use super::admin::{self, KeyChange};
 use super::args::{
-    Cli, Command, DoctorArgs, KeysCommand, KeystoreArgs, KeystoreCommand, RecoveryCommand,
-    RootArgs, RootKeyCommand, ScanArgs, ServeArgs,
+    Cli, Command, DoctorArgs, KeysCommand, KeystoreArgs, KeystoreCommand, NodesAction,
+    RecoveryCommand, RootArgs, RootKeyCommand, ScanArgs, ServeArgs, UpgradeCommand,
 };
 use super::dev;
 use super::output as cli_output;
@@ -127,9 +127,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print(printed)
         }
         Command::Nodes {
+            action: Some(NodesAction::Forget),
+            node: Some(node),
+            keystore,
+            ..
+        } => print(runtime()?.block_on(super::upgrade::forget(&opened(&keystore)?, &node))?),
+        Command::Nodes {
             keystore: args,
             json,
+            ..
         } => print(runtime()?.block_on(admin::nodes_list(&opened(&args)?, json))?),
+        Command::Upgrade { command } => print(match command {
+            UpgradeCommand::Status { keystore, json } => {
+                runtime()?.block_on(super::upgrade::status(&opened(&keystore)?, json))?
+            }
+            UpgradeCommand::Finalize { keystore } => {
+                runtime()?.block_on(super::upgrade::finalize(&opened(&keystore)?))?
+            }
+        }),
         Command::RootKey {
             command:
                 RootKeyCommand::Rotate {

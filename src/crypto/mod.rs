@@ -1,4 +1,4 @@
-//! The only code in localkms that touches AES-GCM, HKDF or the random number generator.
+//! The only code in localkms that touches AES-GCM, HKDF, HMAC or the random number generator.
 //!
 //! Keeping every primitive behind this module means one place to audit for nonce handling,
 //! key derivation and buffer hygiene; the rest of the crate sees sealed bytes and
@@ -8,10 +8,12 @@ mod aead;
 pub mod envelope;
 mod key;
 mod locked;
+mod mac;
 
 pub use aead::{derive_key, open_in_place, seal_in_place, NONCE_LEN, TAG_LEN};
 pub use key::{fill_random, SecretKey, KEY_LEN};
 pub use locked::can_lock_keys;
+pub use mac::MacKey;
 
 /// A failure inside a primitive: the OS random source or the AEAD refused to work.
 ///

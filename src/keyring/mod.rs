@@ -4,6 +4,7 @@
 //! ([`SharedKeyring`]); requests load the current pointer without a lock and never touch disk.
 //! Decrypt usage per KEK is counted here too ([`usage`]), with two atomic stores per request.
 
+pub mod refresh;
 pub mod usage;
 
 use std::collections::HashMap;
@@ -39,7 +40,7 @@ pub enum KeyringError {
     MissingKeyId,
     /// The keystore has never held this KEK.
     #[error(
-        "key {0} is not in this plugin's keystore (is the keystore from another cluster or node?)"
+        "key {0} is not in this plugin's keystore (not yet loaded here, or a keystore from another cluster or node?)"
     )]
     UnknownKey(KeyId),
     /// The KEK exists but is disabled.
@@ -81,6 +82,7 @@ pub struct KeyInfo {
 pub struct Keyring {
     generation: u64,
     write_id: [u8; 12],
+    finalized: bool,
     primary: Option<KeyId>,
     keys: HashMap<KeyId, Entry>,
     info: Vec<KeyInfo>,
@@ -94,6 +96,7 @@ impl Keyring {
     pub fn from_keystore(ks: Keystore, usage: Arc<UsageTracker>) -> Self {
         let generation = ks.generation();
         let write_id = ks.write_id();
+        let finalized = ks.finalized();
         let mut primary = None;
         let mut keys = HashMap::new();
         let mut info = Vec::new();
@@ -119,6 +122,7 @@ impl Keyring {
         let mut ring = Keyring {
             generation,
             write_id,
+            finalized,
             primary,
             keys,
             info,
@@ -134,6 +138,7 @@ impl Keyring {
         Keyring {
             generation: 0,
             write_id: [0; 12],
+            finalized: false,
             primary: None,
             keys: HashMap::new(),
             info: Vec::new(),
@@ -173,6 +178,12 @@ impl Keyring {
     /// The write the keyring's keystore came from (see [`Keystore::write_id`]).
     pub fn write_id(&self) -> [u8; 12] {
         self.write_id
+    }
+
+    /// Whether the keystore loaded is finalized for this release (what the node's capability
+    /// record reports, so `upgrade finalize` can tell when every node has loaded it).
+    pub fn finalized(&self) -> bool {
+        self.finalized
     }
 
     /// The KEK that encrypts, reported by Status as key_id.
@@ -271,17 +282,26 @@ impl Keyring {
 
 /// The keyring the server reads, replaced atomically by the reloader.
 #[derive(Clone)]
-pub struct SharedKeyring(Arc<ArcSwap<Keyring>>);
+pub struct SharedKeyring(Arc<ArcSwap<Keyring>>, Arc<refresh::Refresh>);
 
 impl SharedKeyring {
     /// Starts with `ring` loaded.
     pub fn new(ring: Keyring) -> Self {
-        SharedKeyring(Arc::new(ArcSwap::from_pointee(ring)))
+        SharedKeyring(
+            Arc::new(ArcSwap::from_pointee(ring)),
+            Arc::new(refresh::Refresh::default()),
+        )
     }
 
     /// The current keyring; cheap and lock-free, for every request.
     pub fn load(&self) -> Arc<Keyring> {
         self.0.load_full()
+    }
+
+    /// How a request that names a key the loaded keyring lacks asks the reload task for a
+    /// fresh look first (see [`refresh`]).
+    pub fn refresh(&self) -> &refresh::Refresh {
+        &self.1
     }
 
     /// Replaces the keyring in one atomic step; in-flight requests finish on the old one.

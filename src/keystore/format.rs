@@ -3,14 +3,16 @@
 //! ```text
 //! offset  size  field
 //! 0       8     magic "LOCALKMS"
-//! 8       2     format version, big-endian (2; 1 lacks the keystore id below and is still
-//!               read)
+//! 8       2     format version, big-endian: 3 once the upgrade to this release is finalized
+//!               (`localkms upgrade finalize`, or a fresh `init`), else 2, which release
+//!               0.3.0 reads; 1 lacks the keystore id below and is still read. 2 and 3 share
+//!               one layout: the number itself, bound into the AAD, records the finalize
 //! 10      1     KDF id: 0 = root key file (the key is used directly, via HKDF),
 //!                1 = Argon2id over a passphrase
 //! 11      2     KDF parameter length P, big-endian (0 for KDF 0, 28 for KDF 1)
 //! 13      P     KDF parameters: Argon2id memory KiB, passes, lanes (u32 each), 16-byte salt
 //! 13+P    8     generation, big-endian
-//! 21+P    16    keystore id, random, made by `init` (version 2 only)
+//! 21+P    16    keystore id, random, made by `init` (versions 2 and 3)
 //! 37+P    12    nonce, random per write
 //! 49+P    n+16  AES-256-GCM sealed body and tag
 //! ```
@@ -37,8 +39,13 @@ use crate::key_id::KeyId;
 
 /// First eight bytes of every keystore file.
 pub const MAGIC: &[u8; 8] = b"LOCALKMS";
-/// The keystore format this build writes (it also reads version 1, which has no keystore id).
-pub const FORMAT_VERSION: u16 = 2;
+/// The newest keystore format this build reads, and the one it writes once the upgrade is
+/// finalized. It also reads [`PRE_FINALIZE_FORMAT`] and version 1 (no keystore id).
+pub const FORMAT_VERSION: u16 = 3;
+/// The format the previous release (0.3.0, 64507fe) writes and reads, and so the one this
+/// build writes until the upgrade is finalized: a keystore in it can still be served by a
+/// node not yet upgraded.
+pub const PRE_FINALIZE_FORMAT: u16 = 2;
 const KEYSTORE_ID_LEN: usize = 16;
 const KDF_ROOT_KEY_FILE: u8 = 0;
 const KDF_ARGON2ID: u8 = 1;
@@ -71,8 +78,10 @@ pub enum FormatError {
 pub struct Header {
     /// Write generation.
     pub generation: u64,
-    /// The keystore id (version 2).
+    /// The keystore id (versions 2 and 3).
     pub keystore_id: Option<[u8; KEYSTORE_ID_LEN]>,
+    /// The format version.
+    pub version: u16,
     /// How the root key is derived.
     pub kdf: Kdf,
     nonce: [u8; NONCE_LEN],
@@ -148,6 +157,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
     Ok(Header {
         generation,
         keystore_id,
+        version,
         kdf,
         nonce,
         len,
@@ -170,6 +180,7 @@ pub fn decode(bytes: &[u8], root: &RootKey) -> Result<Keystore, FormatError> {
         generation: header.generation,
         write_id: header.nonce,
         keystore_id: header.keystore_id,
+        finalized: header.version >= 3,
         kdf: header.kdf,
         records,
         history,
@@ -218,7 +229,14 @@ pub fn encode(ks: &Keystore, root: &RootKey) -> Result<Vec<u8>, FormatError> {
     // Exact capacity: the buffer never reallocates, so no unwiped copy of a key is left behind.
     let mut out = Zeroizing::new(Vec::with_capacity(header_len + body_len + TAG_LEN));
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    // Until the upgrade is finalized, the previous release's format: a node not yet upgraded
+    // must keep reading every write.
+    let version = if ks.finalized {
+        FORMAT_VERSION
+    } else {
+        PRE_FINALIZE_FORMAT
+    };
+    out.extend_from_slice(&version.to_be_bytes());
     match &ks.kdf {
         Kdf::KeyFile => {
             out.push(KDF_ROOT_KEY_FILE);
@@ -482,6 +500,52 @@ mod tests {
 
     fn root(b: u8) -> RootKey {
         RootKey::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn the_previous_releases_format_is_written_until_finalized() {
+        let root = root(5);
+        let mut ks = sample();
+        ks.finalized = false;
+        let bytes = encode(&ks, &root).expect("encode");
+        assert_eq!(
+            &bytes[8..10],
+            &PRE_FINALIZE_FORMAT.to_be_bytes(),
+            "release 0.3.0 reads only format 2"
+        );
+        let back = decode(&bytes, &root).expect("decode");
+        assert!(!back.finalized());
+        let mut ks = back;
+        assert!(ks.finalize(
+            OffsetDateTime::now_utc(),
+            &crate::keystore::model::tests::actor()
+        ));
+        assert!(!ks.finalize(
+            OffsetDateTime::now_utc(),
+            &crate::keystore::model::tests::actor()
+        ));
+        let bytes = encode(&ks, &root).expect("encode");
+        assert_eq!(&bytes[8..10], &3u16.to_be_bytes());
+        let back = decode(&bytes, &root).expect("decode");
+        assert!(
+            back.finalized(),
+            "the format number is the record of the finalize"
+        );
+        assert_eq!(
+            back.history().last().map(|h| h.action),
+            Some(crate::keystore::Action::UpgradeFinalize)
+        );
+        // The version is bound into the AAD: editing 3 back to 2 does not open.
+        let mut edited = bytes.clone();
+        edited[9] = 2;
+        assert_eq!(
+            decode(&edited, &root).err(),
+            Some(FormatError::WrongRootKey)
+        );
+        // A newer format is named, not misread.
+        let mut newer = bytes;
+        newer[9] = 4;
+        assert_eq!(peek(&newer).err(), Some(FormatError::UnsupportedVersion(4)));
     }
 
     fn sample() -> Keystore {

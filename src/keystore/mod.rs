@@ -39,7 +39,7 @@ pub enum KeystoreError {
     #[error("{0} is not a localkms keystore (wrong magic bytes)")]
     NotAKeystore(KeystoreLocation),
     /// Written by a newer localkms.
-    #[error("keystore {path} has format version {version}; this build reads version {supported}: upgrade localkms")]
+    #[error("keystore {path} has format version {version}, written by a newer localkms; this build (localkms {}) reads versions 1 to {supported}: run the newer release here too (going back to an older release after `localkms upgrade finalize` is not supported)", crate::release::VERSION)]
     UnsupportedVersion {
         /// The keystore.
         path: KeystoreLocation,

@@ -110,6 +110,10 @@ pub enum Action {
     ScheduledRotation,
     /// The keystore was restored (or KEKs merged into it) from a backup by `keystore import`.
     Import,
+    /// `localkms upgrade finalize`: from here on the keystore is written in this release's
+    /// format. Only ever in a finalized (format 3) keystore, which the previous release does
+    /// not read, so it never meets a build that lacks the code.
+    UpgradeFinalize,
 }
 
 impl Action {
@@ -126,11 +130,12 @@ impl Action {
             Action::RootKeyRotate => "root-key-rotate",
             Action::ScheduledRotation => "scheduled-rotation",
             Action::Import => "import",
+            Action::UpgradeFinalize => "upgrade-finalize",
         }
     }
 
     /// Every action, to parse the names back ([`Action::parse`]).
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 11] = [
         Action::Init,
         Action::Create,
         Action::Stage,
@@ -141,6 +146,7 @@ impl Action {
         Action::RootKeyRotate,
         Action::ScheduledRotation,
         Action::Import,
+        Action::UpgradeFinalize,
     ];
 
     /// The action named `name` (as [`Action::as_str`] writes it): backups store names, not
@@ -161,6 +167,7 @@ impl Action {
             Action::RootKeyRotate => 8,
             Action::ScheduledRotation => 9,
             Action::Import => 10,
+            Action::UpgradeFinalize => 11,
         }
     }
 
@@ -176,6 +183,7 @@ impl Action {
             8 => Action::RootKeyRotate,
             9 => Action::ScheduledRotation,
             10 => Action::Import,
+            11 => Action::UpgradeFinalize,
             _ => return None,
         })
     }
@@ -385,6 +393,11 @@ pub struct Keystore {
     /// under the same root key. `None` only for a file written before ids existed, until its
     /// next write.
     pub(crate) keystore_id: Option<[u8; 16]>,
+    /// Whether the upgrade to this release is finalized for this keystore: it is then written
+    /// in this release's format ([`crate::keystore::format::FORMAT_VERSION`]), which the
+    /// previous release cannot read; until then in the previous release's. A fresh `init` or
+    /// import starts finalized; `localkms upgrade finalize` sets it; nothing clears it.
+    pub(crate) finalized: bool,
     pub(crate) kdf: Kdf,
     pub(crate) records: Vec<KekRecord>,
     pub(crate) history: Vec<HistoryEntry>,
@@ -407,6 +420,7 @@ impl Keystore {
             generation: 1,
             write_id: [0; 12],
             keystore_id: Some(keystore_id),
+            finalized: true,
             kdf,
             records: Vec::new(),
             history: Vec::new(),
@@ -713,7 +727,10 @@ impl Keystore {
                 }
                 Action::Create | Action::Stage => staged.push(k),
                 Action::Disable | Action::Destroy => staged.retain(|s| *s != k),
-                Action::Enable | Action::RootKeyRotate | Action::Import => {}
+                Action::Enable
+                | Action::RootKeyRotate
+                | Action::Import
+                | Action::UpgradeFinalize => {}
             }
         }
         let truncated = self.history.len() >= HISTORY_KEPT;
@@ -748,6 +765,23 @@ impl Keystore {
             last.action = Action::ScheduledRotation;
         }
         Ok(Some(id))
+    }
+
+    /// Whether the upgrade to this release is finalized (see the field): written in this
+    /// release's format, which the previous release does not read.
+    pub fn finalized(&self) -> bool {
+        self.finalized
+    }
+
+    /// `upgrade finalize`: from the next write on, this release's format. Returns whether it
+    /// changed anything (finalizing twice is not an error, and writes nothing new).
+    pub fn finalize(&mut self, now: OffsetDateTime, actor: &Actor) -> bool {
+        if self.finalized {
+            return false;
+        }
+        self.finalized = true;
+        self.record(now, Action::UpgradeFinalize, None, actor);
+        true
     }
 
     /// Records a root-key rotation in the history; the caller swaps the KDF.
@@ -840,6 +874,7 @@ pub(crate) mod tests {
             generation: ks.generation,
             write_id: ks.write_id,
             keystore_id: ks.keystore_id,
+            finalized: ks.finalized,
             kdf: ks.kdf.clone(),
             records: ks
                 .records

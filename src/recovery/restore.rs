@@ -47,6 +47,8 @@ pub fn restored(export: Export, kdf: Kdf, now: OffsetDateTime, actor: &Actor) ->
         generation: export.generation.saturating_add(1),
         write_id: [0; 12],
         keystore_id: export.keystore_id,
+        // A fresh import, like `init`, starts a keystore's life on this release.
+        finalized: true,
         kdf,
         records: export.records,
         history: export.history,

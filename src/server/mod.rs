@@ -310,6 +310,10 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServerError> {
             "no --cache-dir: no high-water mark is kept, so a rolled-back etcd keystore would be accepted at start"
         ),
     }
+    if let Some(state) = store.upgrade_state(config.cache_dir.as_deref()) {
+        let key = root.key_for(keystore.kdf()).map_err(KeystoreError::from)?;
+        state.check(&keystore, &key, store.location())?;
+    }
     Ok(Prepared {
         store,
         root,
@@ -397,6 +401,16 @@ pub async fn serve(
             config.allow_rollback,
         ) {
             tracing::warn!(error = %e, state = %mark.path().display(), "cannot write this node's high-water mark: a restored backup or an old etcd revision would NOT be refused at the next start");
+        }
+    }
+    if let Some(state) = prepared.store.upgrade_state(config.cache_dir.as_deref()) {
+        let recorded = prepared
+            .root
+            .key_for(prepared.keystore.kdf())
+            .map_err(KeystoreError::from)
+            .and_then(|key| state.record(&prepared.keystore, &key));
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, state = %state.path().display(), "cannot write this node's upgrade state: an old-format copy of this finalized keystore would NOT be refused at the next start");
         }
     }
     // The backup of the generation about to be served is written before its keyring encrypts

@@ -6,7 +6,8 @@ use zeroize::Zeroizing;
 
 use super::status::{log_request, to_status};
 use crate::crypto::envelope::Api;
-use crate::keyring::SharedKeyring;
+use crate::keyring::refresh::MISS_WAIT;
+use crate::keyring::{KeyringError, SharedKeyring};
 use crate::proto::v1beta1::key_management_service_server::KeyManagementService;
 use crate::proto::v1beta1::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, VersionRequest,
@@ -80,9 +81,16 @@ impl KeyManagementService for V1Service {
     ) -> Result<Response<DecryptResponse>, Status> {
         let start = std::time::Instant::now();
         let req = request.into_inner();
-        let ring = self.keyring.load();
-        let mut plain = check_version(&req.version)
-            .and_then(|()| ring.decrypt_v1(&req.cipher).map_err(to_status))
+        check_version(&req.version)
+            .inspect_err(|s| log_request("v1", "Decrypt", "", "", s.code(), start))?;
+        let mut result = self.keyring.load().decrypt_v1(&req.cipher);
+        if matches!(result, Err(KeyringError::UnknownKey(_)))
+            && self.keyring.refresh().reload_and_wait(MISS_WAIT).await
+        {
+            result = self.keyring.load().decrypt_v1(&req.cipher);
+        }
+        let mut plain = result
+            .map_err(to_status)
             .inspect_err(|s| log_request("v1", "Decrypt", "", "", s.code(), start))?;
         log_request("v1", "Decrypt", "", "", tonic::Code::Ok, start);
         Ok(Response::new(DecryptResponse {

@@ -4,7 +4,8 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::status::{log_request, to_status};
-use crate::keyring::SharedKeyring;
+use crate::keyring::refresh::MISS_WAIT;
+use crate::keyring::{KeyringError, SharedKeyring};
 use crate::proto::v2::key_management_service_server::KeyManagementService;
 use crate::proto::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
@@ -100,8 +101,15 @@ impl KeyManagementService for V2Service {
     ) -> Result<Response<DecryptResponse>, Status> {
         let start = std::time::Instant::now();
         let req = request.into_inner();
-        let ring = self.keyring.load();
-        let mut plaintext = ring.decrypt(&req.ciphertext, &req.key_id).map_err(|e| {
+        let mut result = self.keyring.load().decrypt(&req.ciphertext, &req.key_id);
+        if matches!(result, Err(KeyringError::UnknownKey(_)))
+            && self.keyring.refresh().reload_and_wait(MISS_WAIT).await
+        {
+            // A key this node has not loaded yet (it missed a promote while frozen, say):
+            // the answer comes from the keystore as it is now, not as it was.
+            result = self.keyring.load().decrypt(&req.ciphertext, &req.key_id);
+        }
+        let mut plaintext = result.map_err(|e| {
             let status = to_status(e);
             log_request("v2", "Decrypt", &req.uid, &req.key_id, status.code(), start);
             status

@@ -75,6 +75,7 @@ pub struct Metrics {
     rejected_peers: Counter,
     cluster_nodes: Gauge,
     cluster_converged: Gauge,
+    backend_last_success: Gauge,
     /// The request series resolved once per label set, so the hot path is an index and an
     /// atomic add: no label hashing, no family lock (see [`Metrics::observe_request`]).
     hot_counters: Box<[OnceLock<Counter>]>,
@@ -153,6 +154,7 @@ impl Metrics {
         );
         let cluster_nodes = Gauge::default();
         let cluster_converged = Gauge::default();
+        let backend_last_success = Gauge::default();
         if etcd {
             registry.register(
                 "localkms_cluster_nodes",
@@ -163,6 +165,11 @@ impl Metrics {
                 "localkms_cluster_converged",
                 "etcd keystores: 1 when every live node has loaded the same keystore generation",
                 cluster_converged.clone(),
+            );
+            registry.register(
+                "localkms_backend_last_success_timestamp_seconds",
+                "etcd keystores: when this node last reached etcd (published its record), Unix seconds; the cluster gauges are only as fresh as this",
+                backend_last_success.clone(),
             );
         }
         let build = Family::<BuildLabels, Gauge>::default();
@@ -183,6 +190,7 @@ impl Metrics {
             rejected_peers,
             cluster_nodes,
             cluster_converged,
+            backend_last_success,
             hot_counters: (0..APIS.len() * METHODS.len() * CODES)
                 .map(|_| OnceLock::new())
                 .collect(),
@@ -190,6 +198,11 @@ impl Metrics {
                 .map(|_| OnceLock::new())
                 .collect(),
         }
+    }
+
+    /// Records that the backend answered just now (`unix`: the time, Unix seconds).
+    pub fn backend_reached(&self, unix: i64) {
+        self.backend_last_success.set(unix);
     }
 
     /// Records what the etcd node records say.

@@ -1,6 +1,7 @@
 //! Shared harness for the end-to-end tests: runs the real `localkms` binary on a temp socket.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod raw_h2;
 
 use std::path::{Path, PathBuf};

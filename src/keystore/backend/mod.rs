@@ -11,6 +11,7 @@
 pub mod etcd;
 pub mod file;
 pub mod high_water;
+pub mod upgrade_state;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -225,7 +226,13 @@ impl Store {
     /// Loads and opens the keystore.
     pub async fn load(&self, root: &RootKeyProvider) -> Result<Keystore, KeystoreError> {
         match &self.kind {
-            Kind::File(p) => blocking(|| file::load(p, root)),
+            Kind::File(p) => blocking(|| {
+                let ks = file::load(p, root)?;
+                if let Some(state) = self.upgrade_state(None) {
+                    state.check(&ks, &*root.key_for(ks.kdf())?, &self.location)?;
+                }
+                Ok(ks)
+            }),
             Kind::Etcd(e) => Ok(etcd::load_with_revision(e, &self.location, root).await?.0),
         }
     }
@@ -252,6 +259,11 @@ impl Store {
             Kind::File(p) => blocking(|| {
                 file::create(p, root, ks)?;
                 self.raise_mark_from_file(p);
+                self.record_upgrade_state(
+                    self.upgrade_state(None).as_ref(),
+                    Some((ks.finalized(), ks.keystore_id(), ks.kdf().clone())),
+                    root,
+                );
                 Ok(())
             }),
             Kind::Etcd(e) => etcd::create(e, &self.location, root, ks).await,
@@ -284,6 +296,26 @@ impl Store {
         }
     }
 
+    /// After a committed write to a file keystore on this node: records a finalized one in
+    /// the node's upgrade state. Only logged on failure, like the mark.
+    fn record_upgrade_state(
+        &self,
+        state: Option<&upgrade_state::UpgradeState>,
+        written: Option<(bool, Option<[u8; 16]>, crate::keystore::Kdf)>,
+        root: &RootKeyProvider,
+    ) {
+        let (Some(state), Some((finalized, keystore_id, kdf))) = (state, written) else {
+            return;
+        };
+        let recorded = root
+            .key_for(&kdf)
+            .map_err(KeystoreError::from)
+            .and_then(|key| state.record_id(finalized, keystore_id, &key));
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, state = %state.path().display(), "could not record this node's upgrade state");
+        }
+    }
+
     /// Applies `change` and saves the next generation: under the file lock, or as an etcd
     /// compare-and-swap retried (re-reading and re-applying `change`) when another writer got
     /// there first. Nothing is written when `change` fails.
@@ -294,8 +326,21 @@ impl Store {
     ) -> Result<T, KeystoreError> {
         match &self.kind {
             Kind::File(p) => blocking(|| {
-                let out = file::update(p, root, change)?;
+                let mut change = change;
+                let state = self.upgrade_state(None);
+                let mut written = None;
+                let out = file::update(p, root, |ks| {
+                    // A write must not carry an old copy put back in place past the check
+                    // a server would make on it.
+                    if let Some(state) = &state {
+                        state.check(ks, &*root.key_for(ks.kdf())?, &self.location)?;
+                    }
+                    let out = change(ks)?;
+                    written = Some((ks.finalized(), ks.keystore_id(), ks.kdf().clone()));
+                    Ok(out)
+                })?;
                 self.raise_mark_from_file(p);
+                self.record_upgrade_state(state.as_ref(), written, root);
                 Ok(out)
             }),
             Kind::Etcd(e) => etcd::cas_rewrite(e, &self.location, root, root, change).await,
@@ -509,6 +554,22 @@ impl Store {
             (Kind::Etcd(_), Some(dir)) => Some(high_water::HighWater::at(
                 dir.join(high_water::STATE_FILE),
                 None,
+            )),
+            (Kind::Etcd(_), None) => None,
+        }
+    }
+
+    /// Where this node records that it has served the keystore finalized (beside the
+    /// high-water mark; none for etcd without a cache directory).
+    pub fn upgrade_state(&self, cache_dir: Option<&Path>) -> Option<upgrade_state::UpgradeState> {
+        match (&self.kind, cache_dir) {
+            (Kind::File(p), _) => {
+                let mut name = p.as_os_str().to_owned();
+                name.push(".upgrade-state.json");
+                Some(upgrade_state::UpgradeState::at(PathBuf::from(name)))
+            }
+            (Kind::Etcd(_), Some(dir)) => Some(upgrade_state::UpgradeState::at(
+                dir.join(upgrade_state::STATE_FILE),
             )),
             (Kind::Etcd(_), None) => None,
         }

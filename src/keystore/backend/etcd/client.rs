@@ -129,6 +129,19 @@ impl EtcdTarget {
     pub fn nodes_prefix(&self) -> String {
         format!("{}/nodes/", self.prefix)
     }
+
+    /// The prefix under which servers publish their release and capability, beside (not
+    /// under) [`Self::nodes_prefix`]: release 0.3.0 reads every key under that one as a node
+    /// record.
+    pub fn capabilities_prefix(&self) -> String {
+        format!("{}/node-capabilities/", self.prefix)
+    }
+
+    /// The prefix of the known-node registry: every node that has published to this
+    /// keystore, kept (without a lease) until `localkms nodes forget`.
+    pub fn known_prefix(&self) -> String {
+        format!("{}/known-nodes/", self.prefix)
+    }
 }
 
 impl std::fmt::Display for EtcdTarget {
@@ -472,6 +485,22 @@ impl Etcd {
         })
         .await?;
         Ok(())
+    }
+
+    /// Deletes `key`; whether it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool, EtcdError> {
+        let request = crate::proto::etcd::DeleteRangeRequest {
+            key: key.as_bytes().to_vec(),
+            range_end: Vec::new(),
+        };
+        let resp = self
+            .failover("DeleteRange", |ch| {
+                let request = request.clone();
+                async move { KvClient::new(ch).delete_range(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(resp.deleted > 0)
     }
 
     /// A new lease of `ttl` seconds.

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod nodes;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -206,6 +207,9 @@ pub(super) async fn watch(etcd: Etcd, changes: tokio::sync::mpsc::Sender<()>) {
     while !changes.is_closed() {
         match etcd.watch(&key, seen).await {
             Ok(mut watch) => {
+                if warned {
+                    tracing::info!("etcd answers again: watching the keystore");
+                }
                 warned = false;
                 loop {
                     let msg = tokio::select! {

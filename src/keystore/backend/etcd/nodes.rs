@@ -38,24 +38,30 @@ pub struct NodeRecord {
 /// Authenticates node records. They steer two-phase rotation (which node has loaded what) and
 /// the destroy guard (decrypt usage), so a record anyone with etcd write access could forge
 /// must not count: each is MACed with HMAC-SHA256 under a key derived (HKDF, its own label)
-/// from the keystore's root key, which only the nodes and operators hold.
+/// from the keystore's root key, which only the nodes and operators hold. The capability and
+/// known-node records (see [`super::registry`]) have keys of their own labels.
 #[derive(Clone)]
-pub struct RecordKey(std::sync::Arc<ring::hmac::Key>);
+pub struct RecordKey {
+    records: crate::crypto::MacKey,
+    pub(super) capabilities: crate::crypto::MacKey,
+    pub(super) known: crate::crypto::MacKey,
+}
 
 impl RecordKey {
-    /// The record key for a keystore sealed under `root`. The derived bytes live only in a
-    /// wiping key type until ring has taken them into its HMAC state (which ring does not
-    /// wipe: one copy, held for the key's life, rather than one per record).
+    /// The record keys for a keystore sealed under `root`.
     pub fn derive(root: &crate::keystore::RootKey) -> Result<Self, crate::crypto::CryptoError> {
-        let derived = crate::crypto::derive_key(root.key(), b"", b"localkms/node-records/v1")?;
-        Ok(RecordKey(std::sync::Arc::new(ring::hmac::Key::new(
-            ring::hmac::HMAC_SHA256,
-            derived.expose(),
-        ))))
+        use crate::crypto::MacKey;
+        Ok(RecordKey {
+            records: MacKey::derive(root.key(), b"localkms/node-records/v1")?,
+            capabilities: MacKey::derive(root.key(), b"localkms/node-capabilities/v1")?,
+            known: MacKey::derive(root.key(), b"localkms/known-nodes/v1")?,
+        })
     }
 
-    /// The bytes the MAC covers: the record without its MAC. A plain struct of strings,
-    /// numbers and a BTreeMap serializes deterministically, and cannot fail.
+    /// The bytes the MAC covers: the record without its MAC, serialized exactly as 64507fe
+    /// (release 0.3.0) does, which re-encodes a record the same way to verify it: a field
+    /// added here would make every record this build writes fail on such a node. A plain
+    /// struct of strings, numbers and a BTreeMap serializes deterministically, and cannot fail.
     fn signed_bytes(record: &NodeRecord) -> Vec<u8> {
         let mut unsigned = record.clone();
         unsigned.mac = None;
@@ -64,30 +70,16 @@ impl RecordKey {
 
     /// Sets `record.mac`.
     pub fn sign(&self, record: &mut NodeRecord) {
-        let tag = ring::hmac::sign(&self.0, &Self::signed_bytes(record));
-        record.mac = Some(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+        record.mac = Some(self.records.sign_hex(&Self::signed_bytes(record)));
     }
 
     /// Whether `record.mac` is right (ring compares in constant time).
     pub fn verify(&self, record: &NodeRecord) -> bool {
-        let Some(mac) = record.mac.as_deref() else {
-            return false;
-        };
-        let Some(tag) = unhex(mac) else {
-            return false;
-        };
-        ring::hmac::verify(&self.0, &Self::signed_bytes(record), &tag).is_ok()
+        record
+            .mac
+            .as_deref()
+            .is_some_and(|mac| self.records.verify_hex(&Self::signed_bytes(record), mac))
     }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-        .collect()
 }
 
 /// The node records of one etcd keystore: what `localkms nodes`, two-phase rotation and the
@@ -107,6 +99,17 @@ impl Nodes {
     /// left out and reported (logged at warn, with its etcd key).
     pub async fn list(&self) -> Result<Vec<NodeRecord>, EtcdError> {
         list(&self.etcd, &self.key).await
+    }
+
+    /// Every record, capability and registry entry, for the key-change and finalize guards
+    /// (see [`super::registry::survey`]).
+    pub async fn survey(&self) -> Result<super::registry::Survey, EtcdError> {
+        super::registry::survey(&self.etcd, &self.key).await
+    }
+
+    /// `nodes forget NODE`.
+    pub async fn forget(&self, node: &str) -> Result<(), super::registry::ForgetError> {
+        super::registry::forget(&self.etcd, node).await
     }
 
     /// Publishes this server's state as `node` under a lease of `ttl` until `shutdown`
@@ -219,9 +222,15 @@ async fn run_publisher(
             match publish_once(&nodes, &node, ttl_s, &mut lease, &keyring).await {
                 Ok(()) => {
                     published = Some((generation, Instant::now()));
+                    metrics.backend_reached(time::OffsetDateTime::now_utc().unix_timestamp());
+                    if warned {
+                        tracing::info!(node = %node, "etcd answers again: this node's keystore state is published");
+                    }
                     warned = false;
-                    if let Ok(all) = nodes.list().await {
-                        metrics.set_cluster(all.len(), converged(&all));
+                    // The survey also registers any live node the registry lacks (a node of
+                    // release 0.3.0 does not register itself).
+                    if let Ok(all) = nodes.survey().await {
+                        metrics.set_cluster(all.live.len(), converged(&all.live));
                     }
                 }
                 Err(e) => {
@@ -283,7 +292,19 @@ async fn publish_once(
         mac: None,
     };
     nodes.key.sign(&mut record);
-    publish(etcd, &record, *lease).await
+    publish(etcd, &record, *lease).await?;
+    // Capabilities go under their own key (see `registry`), under the same lease.
+    let capability = super::registry::CapabilityRecord {
+        node: node.to_owned(),
+        version: crate::release::VERSION.to_owned(),
+        capability: crate::release::CAPABILITY,
+        finalized: ring.finalized(),
+        ttl_s,
+        updated_unix: record.updated_unix,
+        mac: None,
+    };
+    super::registry::publish_capability(etcd, &nodes.key, capability, *lease).await?;
+    super::registry::register(etcd, &nodes.key, node, record.updated_unix).await
 }
 
 #[cfg(test)]
@@ -339,6 +360,29 @@ mod tests {
             "a record survives the round trip through etcd"
         );
     }
+
+    /// Release 0.3.0 verifies a record's MAC over its own re-encoding: the bytes signed must
+    /// stay exactly these (frozen from 64507fe), or every record this build writes fails there
+    /// and that node promotes past this one.
+    #[test]
+    fn records_keep_the_exact_shape_release_0_3_0_signs() {
+        let r = node("n1", 3, &["k1"], 5, Some(100));
+        assert_eq!(
+            String::from_utf8(RecordKey::signed_bytes(&r)).expect("utf8"),
+            r#"{"node":"n1","generation":3,"key_ids":["k1"],"primary":"k1","updated_unix":0,"usage":{"k1":{"decrypts":5,"last_decrypt_at":"1970-01-01T00:01:40Z","last_decrypt_unix":100}},"counting_since_unix":30}"#
+        );
+        let key = RecordKey::derive(&crate::keystore::RootKey::from_bytes([9; 32])).expect("key");
+        let mut signed = r.clone();
+        key.sign(&mut signed);
+        assert_eq!(
+            signed.mac.as_deref(),
+            Some(FROZEN_MAC),
+            "the record MAC under a fixed root key, as 64507fe computes it"
+        );
+    }
+
+    /// Computed independently (RFC 5869 HKDF-SHA256 and HMAC-SHA256 in Python).
+    const FROZEN_MAC: &str = "e66af3fd86ad29e60687155940108a89d1236ee6eef09f04dcc8b98df3dec42e";
 
     #[test]
     fn convergence_and_lag() {
