@@ -477,3 +477,45 @@ fn a_backup_restored_while_no_server_ran_is_refused() {
         text(&out)
     );
 }
+
+/// `serve --check-config` is the preflight of the upgrade runbook: it lists every refusal at
+/// once (here a world-writable socket, a non-loopback metrics address and a rolled-back
+/// keystore), each with its fix, and exits 1; fixed, it passes.
+#[test]
+fn check_config_lists_every_refusal_at_once() {
+    let ws = Workspace::new();
+    let out = ws.keys(&["rotate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut backup = ws.keystore.as_os_str().to_owned();
+    backup.push(".bak.1");
+    std::fs::copy(std::path::PathBuf::from(backup), &ws.keystore).expect("roll back");
+    let check = |extra: &[&str]| {
+        Command::new(bin())
+            .arg("serve")
+            .arg("--check-config")
+            .arg("--socket")
+            .arg(&ws.socket)
+            .args(ws.keystore_args())
+            .args(extra)
+            .output()
+            .expect("check-config")
+    };
+    let out = check(&["--socket-mode", "0666", "--metrics-addr", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert_eq!(said.matches("  ✗ ").count(), 3, "{said}");
+    for needle in [
+        "--socket-mode 0666",
+        "--metrics-allow-non-loopback",
+        "--allow-rollback",
+    ] {
+        assert!(said.contains(needle), "{needle}: {said}");
+    }
+    let out = check(&["--allow-rollback"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("  ! --allow-rollback") && said.contains("config ok"),
+        "{said}"
+    );
+}

@@ -279,6 +279,22 @@ async fn keystore(
             ))
         }
     };
+    // Which upgrade protections are on: those that need this release's keystore format only
+    // once the upgrade is finalized.
+    if ks.finalized() {
+        out.push(Check::pass(format!(
+            "keystore {location} is finalized for localkms {} (format {}): a node that has served it refuses an old-format copy",
+            crate::release::VERSION,
+            crate::keystore::format::FORMAT_VERSION
+        )));
+    } else {
+        out.push(Check::Skip(format!(
+            "the upgrade to localkms {} is not finalized: keystore {location} is in release {}'s format ({}), so either release can serve it; the old-format-copy refusal is off until `localkms upgrade finalize`",
+            crate::release::VERSION,
+            crate::release::PREVIOUS,
+            crate::keystore::format::PRE_FINALIZE_FORMAT
+        )));
+    }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if let Some(p) = ks.primary() {
         let age = Duration::from_secs(u64::try_from(now.saturating_sub(p.changed_at)).unwrap_or(0));
@@ -337,8 +353,23 @@ async fn keystore(
     }
     if store.is_shared() {
         match store.nodes(&root).await {
-            Ok(Some(nodes)) => match nodes.list().await {
-                Ok(list) => {
+            Ok(Some(nodes)) => match nodes.survey().await {
+                Ok(survey) => {
+                    let blockers = survey.blockers(crate::release::KEY_CHANGE_NEEDS);
+                    if blockers.is_empty() {
+                        out.push(Check::pass(format!(
+                            "every known node ({}) is live with a verified record",
+                            survey.known.len()
+                        )));
+                    } else {
+                        for b in &blockers {
+                            out.push(Check::fail(
+                                b.to_string(),
+                                "promote and destroy are refused until it is fixed (README: Upgrading, one node at a time)",
+                            ));
+                        }
+                    }
+                    let list = survey.live;
                     let behind: Vec<String> = list
                         .iter()
                         .filter(|n| n.generation != ks.generation())

@@ -25,6 +25,7 @@ pub mod bench_support {
 }
 mod guard;
 mod incoming;
+mod preflight;
 pub mod socket;
 mod status;
 mod v1;
@@ -89,6 +90,9 @@ pub enum ServerError {
     /// The metrics listener could not start.
     #[error(transparent)]
     Http(#[from] endpoints::HttpError),
+    /// `serve --check-config` found refusals (each listed, with its fix).
+    #[error("serve would refuse to start; fix each ✗ below and run --check-config again:\n{0}")]
+    Preflight(String),
     /// The HTTP/2 server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -273,31 +277,66 @@ impl Prepared {
 
 /// Everything `serve` checks before it binds: socket exposure, the keystore's owner and mode,
 /// the metrics address rule, the root key, the keystore itself (from etcd, or its cache) and
-/// this node's high-water mark. Writes nothing but an etcd keystore's existing cache, which
-/// it refreshes as `serve` would.
+/// this node's high-water mark and upgrade state. Writes nothing but an etcd keystore's
+/// existing cache, which it refreshes as `serve` would. [`preflight`] runs the same steps
+/// without stopping at the first refusal.
 pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServerError> {
     check_socket_exposure(config)?;
+    check_mlock(config)?;
+    let store = Store::open(&config.keystore, &config.etcd_tls)?;
+    check_keystore_file(config, &store)?;
+    check_metrics_rule(config)?;
+    let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
+    let keystore = load_initial(config, &store, &root).await?;
+    check_mark(config, &store, &keystore)?;
+    check_upgrade_state(config, &store, &root, &keystore)?;
+    Ok(Prepared {
+        store,
+        root,
+        keystore,
+    })
+}
+
+fn check_mlock(config: &ServeConfig) -> Result<(), ServerError> {
     if config.require_mlock && !crate::crypto::can_lock_keys() {
         return Err(ServerError::NoMlock);
     }
-    let store = Store::open(&config.keystore, &config.etcd_tls)?;
+    Ok(())
+}
+
+fn check_keystore_file(config: &ServeConfig, store: &Store) -> Result<(), ServerError> {
     if config.insecure_skip_file_checks {
         tracing::warn!(
             "--insecure-skip-file-checks: NOT checking who owns or can read the keystore"
         );
-    } else {
-        store.check_private()?;
+        return Ok(());
     }
+    Ok(store.check_private()?)
+}
+
+fn check_metrics_rule(config: &ServeConfig) -> Result<(), ServerError> {
     if let Some(addr) = config.metrics_addr {
         if !addr.ip().is_loopback() && !config.metrics_allow_non_loopback {
             return Err(endpoints::HttpError::NotLoopback(addr).into());
         }
     }
-    let root = Arc::new(RootKeyProvider::open(&config.root).map_err(KeystoreError::from)?);
+    Ok(())
+}
+
+async fn load_initial(
+    config: &ServeConfig,
+    store: &Store,
+    root: &RootKeyProvider,
+) -> Result<Keystore, ServerError> {
     let cache_dir = config.cache_dir.as_deref().filter(|d| d.is_dir());
-    let keystore = store.initial(&root, cache_dir).await?;
+    Ok(store.initial(root, cache_dir).await?)
+}
+
+/// This node's high-water mark refuses an older, diverged or other keystore, unless
+/// `--allow-rollback` (logged).
+fn check_mark(config: &ServeConfig, store: &Store, keystore: &Keystore) -> Result<(), ServerError> {
     match store.high_water(config.cache_dir.as_deref()) {
-        Some(mark) => match mark.check(&keystore, store.location()) {
+        Some(mark) => match mark.check(keystore, store.location()) {
             Ok(()) => {}
             Err(e @ (KeystoreError::RolledBack { .. } | KeystoreError::OtherKeystore { .. }))
                 if config.allow_rollback =>
@@ -310,48 +349,28 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServerError> {
             "no --cache-dir: no high-water mark is kept, so a rolled-back etcd keystore would be accepted at start"
         ),
     }
-    if let Some(state) = store.upgrade_state(config.cache_dir.as_deref()) {
-        let key = root.key_for(keystore.kdf()).map_err(KeystoreError::from)?;
-        state.check(&keystore, &key, store.location())?;
-    }
-    Ok(Prepared {
-        store,
-        root,
-        keystore,
-    })
+    Ok(())
 }
 
-/// `serve --check-config`: [`prepare`], the self-test, and a trial bind of the metrics
-/// address and the socket, without serving. Returns a summary of what would be served.
-pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
-    let (ring, _, _) = prepare(config).await?.keyring(UsageTracker::default())?;
-    if let Some(addr) = config.metrics_addr {
-        // Binding for real (and letting go at once) is the only sure test: the port may be
-        // taken, or the address not on this host.
-        drop(endpoints::bind(addr, config.metrics_allow_non_loopback).await?);
+/// This node's upgrade state refuses an old-format copy of a keystore it served finalized.
+fn check_upgrade_state(
+    config: &ServeConfig,
+    store: &Store,
+    root: &RootKeyProvider,
+    keystore: &Keystore,
+) -> Result<(), ServerError> {
+    if let Some(state) = store.upgrade_state(config.cache_dir.as_deref()) {
+        let key = root.key_for(keystore.kdf()).map_err(KeystoreError::from)?;
+        state.check(keystore, &key, store.location())?;
     }
-    socket::check_bindable(&config.socket)?;
-    let backups = match &config.backup {
-        Some(b) => {
-            if b.dir.exists() {
-                crate::recovery::backup::check_dir(&b.dir)?;
-            }
-            format!(
-                "; backups to {} encrypted to {}",
-                b.dir.display(),
-                b.recipients.describe()
-            )
-        }
-        None => String::new(),
-    };
-    Ok(format!(
-        "config ok: would serve {} (mode {:04o}) from keystore {} generation {} with primary key {}{backups}",
-        config.socket.uri(),
-        config.socket_mode,
-        config.keystore,
-        ring.generation(),
-        ring.primary_id().map(|id| id.to_string()).unwrap_or_default()
-    ))
+    Ok(())
+}
+
+/// `serve --check-config`: every refusal [`prepare`], the self-test and a trial bind of the
+/// metrics address and the socket would make, all listed (see [`preflight`]). Returns the
+/// report and a summary of what would be served, or every refusal as an error.
+pub async fn check_config(config: &ServeConfig) -> Result<String, ServerError> {
+    preflight::run(config).await
 }
 
 /// The decrypt usage counts a server starts from. An unreadable usage file is never

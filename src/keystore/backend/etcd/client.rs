@@ -31,6 +31,38 @@ fn unreachable(status: &tonic::Status) -> bool {
         && (m.contains("connect") || m.contains("transport error") || m.contains("refused"))
 }
 
+/// What a set of per-endpoint errors points at, for the end of the message: a TLS hint only
+/// when TLS is in use and an error looks like a TLS failure, a quorum hint when members are
+/// up but have no leader, a reachability hint when none could be connected to.
+fn rpc_hint(tls: bool, statuses: &[&tonic::Status]) -> &'static str {
+    let said = |needles: &[&str]| {
+        statuses.iter().any(|s| {
+            let m = s.message().to_ascii_lowercase();
+            needles.iter().any(|n| m.contains(n))
+        })
+    };
+    // Under TLS a refused handshake reaches us as a bare "transport error", like a refused
+    // connection: the hint then names both.
+    if tls
+        && said(&[
+            "certificate",
+            "tls",
+            "handshake",
+            "unknownissuer",
+            "badsignature",
+            "transport error",
+        ])
+    {
+        " (is etcd reachable, and are --etcd-cacert, --etcd-cert and --etcd-key right for it?)"
+    } else if said(&["leader", "timed out", "timeout", "deadline"]) {
+        " (the members are up but not answering: has etcd lost quorum? localkms keeps serving what it loaded)"
+    } else if !statuses.is_empty() && statuses.iter().all(|s| unreachable(s)) {
+        " (is etcd running, and are the endpoints right?)"
+    } else {
+        ""
+    }
+}
+
 /// Errors another member (or the same one, a moment later) may not give: unreachable, timed
 /// out, or no leader yet.
 fn retryable(status: &tonic::Status) -> bool {
@@ -71,18 +103,23 @@ pub enum EtcdError {
         source: tonic::transport::Error,
     },
     /// An etcd call failed.
-    #[error("etcd {call} failed at {endpoints}: {status} (is etcd reachable, and are --etcd-cacert/--etcd-cert/--etcd-key right?)", status = .status.message())]
+    #[error("etcd {call} failed: {each}{hint}")]
     Rpc {
         /// Which call.
         call: &'static str,
-        /// The endpoints tried.
-        endpoints: String,
-        /// The gRPC status.
+        /// Each endpoint tried and its own error (`HOST:PORT: message; …`).
+        each: String,
+        /// What the errors point at, when they point somewhere (see [`rpc_hint`]).
+        hint: &'static str,
+        /// The last gRPC status.
         status: tonic::Status,
     },
     /// A watch or keep-alive stream ended.
     #[error("etcd {0} stream ended")]
     StreamEnded(&'static str),
+    /// No member answered in time (what was asked, and how long was waited).
+    #[error("etcd did not answer {0} (is it reachable, and does it have quorum?)")]
+    NoAnswer(&'static str),
     /// No TLS was configured and plaintext was not asked for.
     #[error("refusing to reach {0} without TLS: the sealed keystore, the node records and decrypt usage would cross the network in clear. Pass --etcd-cacert, --etcd-cert and --etcd-key (a control plane's etcd requires them), or --etcd-insecure for an etcd on this host's loopback")]
     Plaintext(String),
@@ -252,6 +289,8 @@ pub struct Etcd {
     /// The member that answered last; tried first next time.
     preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     target: EtcdTarget,
+    /// Whether TLS is in use: only then can an error be a TLS problem.
+    tls: bool,
 }
 
 impl Etcd {
@@ -286,6 +325,7 @@ impl Etcd {
             channels: std::sync::Arc::new(tokio::sync::OnceCell::new()),
             preferred: std::sync::Arc::default(),
             target: target.clone(),
+            tls: tls.enabled(),
         })
     }
 
@@ -306,7 +346,8 @@ impl Etcd {
             .get_or_init(|| async { self.endpoints.iter().map(Endpoint::connect_lazy).collect() })
             .await;
         let started = tokio::time::Instant::now();
-        let mut last = None;
+        // Each member's latest error, for a message that names every one.
+        let mut last: Vec<Option<tonic::Status>> = vec![None; channels.len()];
         loop {
             let start = self.preferred.load(Ordering::Relaxed);
             // Whether any member is up but cannot answer yet (no leader, timed out): only
@@ -322,9 +363,12 @@ impl Etcd {
                     }
                     Err(status) if retryable(&status) => {
                         electing |= !unreachable(&status);
-                        last = Some(status);
+                        last[idx] = Some(status);
                     }
-                    Err(status) => return Err(self.rpc(name)(status)),
+                    Err(status) => {
+                        last[idx] = Some(status);
+                        return Err(self.rpc_error(name, last));
+                    }
                 }
             }
             if !electing || started.elapsed() >= FAILOVER_DEADLINE {
@@ -332,22 +376,57 @@ impl Etcd {
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        Err(self.rpc(name)(last.unwrap_or_else(|| {
-            tonic::Status::unavailable("no etcd endpoints")
-        })))
+        Err(self.rpc_error(name, last))
+    }
+
+    /// The error for a stream of `call` on the member that answered last.
+    fn rpc(&self, call: &'static str) -> impl Fn(tonic::Status) -> EtcdError + '_ {
+        move |status| {
+            let mut errors = vec![None; self.target.endpoints.len()];
+            let idx = self.preferred.load(std::sync::atomic::Ordering::Relaxed);
+            if let Some(slot) = errors.get_mut(idx) {
+                *slot = Some(status);
+            }
+            self.rpc_error(call, errors)
+        }
+    }
+
+    /// The error for `call` from each member's latest error (`None`: not tried).
+    fn rpc_error(&self, call: &'static str, errors: Vec<Option<tonic::Status>>) -> EtcdError {
+        let tried: Vec<(&String, &tonic::Status)> = self
+            .target
+            .endpoints
+            .iter()
+            .zip(errors.iter())
+            .filter_map(|(e, s)| s.as_ref().map(|s| (e, s)))
+            .collect();
+        let each = if tried.is_empty() {
+            "no etcd endpoints".to_owned()
+        } else {
+            tried
+                .iter()
+                .map(|(e, s)| format!("{e}: {}", s.message()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let statuses: Vec<&tonic::Status> = tried.iter().map(|(_, s)| *s).collect();
+        let hint = rpc_hint(self.tls, &statuses);
+        let status = errors
+            .into_iter()
+            .flatten()
+            .last()
+            .unwrap_or_else(|| tonic::Status::unavailable("no etcd endpoints"));
+        EtcdError::Rpc {
+            call,
+            each,
+            hint,
+            status,
+        }
     }
 
     /// Where this client points.
     pub fn target(&self) -> &EtcdTarget {
         &self.target
-    }
-
-    fn rpc(&self, call: &'static str) -> impl Fn(tonic::Status) -> EtcdError + '_ {
-        move |status| EtcdError::Rpc {
-            call,
-            endpoints: self.target.endpoints.join(","),
-            status,
-        }
     }
 
     /// The value and modification revision of `key`, if it exists.
@@ -596,6 +675,63 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    fn client(tls: bool) -> Etcd {
+        let target = EtcdTarget::parse("etcd://127.0.0.1:1,127.0.0.1:2/p").expect("url");
+        let mut e = Etcd::connect(
+            &target,
+            &EtcdTls {
+                insecure: true,
+                ..Default::default()
+            },
+        )
+        .expect("client");
+        e.tls = tls;
+        e
+    }
+
+    #[test]
+    fn rpc_errors_name_each_endpoint_and_hint_only_at_the_likely_cause() {
+        use tonic::Status;
+        let refused = Status::unavailable("tcp connect error: Connection refused");
+        let e =
+            client(false).rpc_error("Range", vec![Some(refused.clone()), Some(refused.clone())]);
+        let text = e.to_string();
+        assert!(
+            text.contains("127.0.0.1:1: tcp connect error")
+                && text.contains("127.0.0.1:2: tcp connect error"),
+            "{text}"
+        );
+        assert!(text.contains("is etcd running"), "{text}");
+        assert!(
+            !text.contains("--etcd-cacert"),
+            "no TLS hint without TLS: {text}"
+        );
+
+        let no_leader = Status::unknown("etcdserver: no leader");
+        let text = client(true)
+            .rpc_error("Range", vec![Some(no_leader.clone()), Some(no_leader)])
+            .to_string();
+        assert!(text.contains("lost quorum"), "{text}");
+        assert!(
+            !text.contains("--etcd-cacert"),
+            "quorum loss is not a TLS problem: {text}"
+        );
+
+        let cert = Status::unavailable("transport error: invalid peer certificate: UnknownIssuer");
+        let text = client(true)
+            .rpc_error("Range", vec![Some(cert.clone()), None])
+            .to_string();
+        assert!(text.contains("--etcd-cacert"), "{text}");
+        assert!(
+            !text.contains("127.0.0.1:2:"),
+            "an endpoint not tried is not named: {text}"
+        );
+        let text = client(false)
+            .rpc_error("Range", vec![Some(cert), None])
+            .to_string();
+        assert!(!text.contains("--etcd-cacert"), "{text}");
+    }
+
     use super::*;
 
     #[test]

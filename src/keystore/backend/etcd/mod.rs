@@ -23,8 +23,12 @@ use crate::keystore::{KeystoreError, KeystoreLocation};
 pub const CAS_RETRIES: usize = 32;
 /// Name of the sealed keystore copy kept in `--cache-dir`.
 pub const CACHE_FILE: &str = "keystore.cache.lkms";
-/// How long start-up waits for etcd before serving from the cache.
+/// How long start-up waits for etcd when there is no cache to serve from instead.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long start-up waits for etcd when it could serve from the cache: a first round over
+/// the members (a refused connection fails at once), not an election's wait. A node restarted
+/// while etcd has lost quorum serves at once; the watch catches up when etcd answers again.
+const START_TIMEOUT_WITH_CACHE: Duration = Duration::from_millis(1500);
 
 /// The cached copy of an etcd keystore in `dir`.
 pub fn cache_path(dir: &Path) -> PathBuf {
@@ -142,12 +146,15 @@ pub(super) async fn initial(
     cache_dir: Option<&Path>,
 ) -> Result<Keystore, KeystoreError> {
     let cache = cache_dir.map(cache_path);
-    let from_etcd = match tokio::time::timeout(START_TIMEOUT, read_raw(e, location)).await {
+    let (wait, waited) = if cache.as_ref().is_some_and(|c| c.is_file()) {
+        (START_TIMEOUT_WITH_CACHE, "a read within 1.5 s")
+    } else {
+        (START_TIMEOUT, "a read within 5 s")
+    };
+    let from_etcd = match tokio::time::timeout(wait, read_raw(e, location)).await {
         Ok(Ok((bytes, _))) => Ok(bytes),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(KeystoreError::Etcd(EtcdError::StreamEnded(
-            "Range (no answer within 5 s)",
-        ))),
+        Err(_) => Err(KeystoreError::Etcd(EtcdError::NoAnswer(waited))),
     };
     match from_etcd {
         Ok(bytes) => {
