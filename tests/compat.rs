@@ -214,8 +214,35 @@ fn abstract_sockets_work_end_to_end() {
     let ws = Workspace::new();
     let name = format!("localkms-e2e-{}", std::process::id());
     let endpoint = format!("unix:///@{name}");
+    // Any process in the network namespace can reach an abstract socket: without an allow
+    // list it is refused, as a world-writable socket file is, naming the fixes.
+    let out = common::localkms(&[
+        "serve",
+        "--socket",
+        &endpoint,
+        "--keystore",
+        ws.keystore.to_str().expect("utf8"),
+        "--root-key-file",
+        ws.root_key.to_str().expect("utf8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("abstract socket")
+            && err.contains("--allow-uid")
+            && err.contains("--allow-world"),
+        "{err}"
+    );
+    let long = format!("@{}", "n".repeat(108));
+    let out = common::localkms(&["status", "--socket", &long]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("at most 107") && err.contains("108 bytes"),
+        "{err}"
+    );
+    let uid = rustix::process::getuid().as_raw().to_string();
     let mut cmd = Command::new(bin());
-    cmd.args(["serve", "--socket", &endpoint])
+    cmd.args(["serve", "--socket", &endpoint, "--allow-uid", &uid])
         .args(ws.keystore_args());
     let log = ws.dir.path().join("abstract.log");
     let mut child = cmd
@@ -241,6 +268,8 @@ fn abstract_sockets_work_end_to_end() {
         "serve",
         "--socket",
         &endpoint,
+        "--allow-uid",
+        &uid,
         "--keystore",
         ws.keystore.to_str().expect("utf8"),
         "--root-key-file",
@@ -249,7 +278,7 @@ fn abstract_sockets_work_end_to_end() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already listening"));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(text.contains("abstract socket"), "{text}");
+    assert!(text.contains("only these peers may call"), "{text}");
     Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())

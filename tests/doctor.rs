@@ -148,3 +148,27 @@ fn doctor_with_nothing_to_check_and_scan_without_tls_refuse_with_what_to_pass() 
         "{t}"
     );
 }
+
+/// A 1 KB YAML alias bomb as the configuration or the manifest: a ✗ naming the file, at once,
+/// without the memory its expansion would take.
+#[test]
+fn an_alias_bomb_is_a_cross_not_an_out_of_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    for (i, prev) in ('b'..='k').zip('a'..='j') {
+        bomb.push_str(&format!(
+            "{i}: &{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+        ));
+    }
+    let path = dir.path().join("bomb.yaml");
+    std::fs::write(&path, &bomb).expect("write");
+    for flag in ["--encryption-config", "--apiserver-manifest"] {
+        let out = localkms(&["doctor", flag, s(&path)]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{said}");
+        assert!(
+            said.contains("✗") && said.contains(s(&path)) && said.contains("alias bomb"),
+            "{flag}: {said}"
+        );
+    }
+}

@@ -285,6 +285,11 @@ fn peer_credentials_gate_every_connection() {
         .output()
         .expect("run as nobody");
     assert!(!out.status.success(), "uid 65534 must be refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not allow this process (uid 65534") && err.contains("--allow-uid"),
+        "the refused client is told why, not asked whether the plugin runs: {err}"
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while !server.log_text().contains("uid=65534") {
         assert!(
@@ -337,6 +342,42 @@ fn peer_credentials_gate_every_connection() {
     );
     let out = localkms(&["check", "--socket", &server2.endpoint(), "--timeout", "3"]);
     assert!(!out.status.success(), "root is in neither list");
+
+    // A socket file this uid may not open: permission denied, named as such.
+    let private = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    let closed = private.path().join("closed.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&closed).expect("bind");
+    let out = Command::new(bin())
+        .args(["status", "--socket", closed.to_str().expect("utf8")])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("permission denied on") && err.contains("uid 65534"),
+        "{err}"
+    );
+}
+
+/// `status` gives up on a socket that accepts and never answers, as `check` does.
+#[test]
+fn status_gives_up_on_a_socket_that_never_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let out = localkms(&[
+        "status",
+        "--socket",
+        path.to_str().expect("utf8"),
+        "--timeout",
+        "1s",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no answer from"), "{err}");
 }
 
 fn proc_status(pid: u32, field: &str) -> Option<u64> {
@@ -821,5 +862,37 @@ fn socket_mode_and_group_are_applied() {
         String::from_utf8_lossy(&out.stderr).contains("no group named"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `serve` as a user who cannot create its socket (an unprivileged user under /run): the
+/// message names the uid, the directory and the ways out, not a bare "permission denied".
+#[test]
+fn serve_names_the_directory_it_cannot_create_the_socket_in() {
+    if !common::root_or_skip("running serve as another uid") {
+        return;
+    }
+    let ws = Workspace::new();
+    let nobody = Some(rustix::fs::Uid::from_raw(65534));
+    let group = Some(rustix::fs::Gid::from_raw(65534));
+    rustix::fs::chown(ws.dir.path(), nobody, group).expect("chown");
+    for entry in std::fs::read_dir(ws.dir.path()).expect("list") {
+        rustix::fs::chown(entry.expect("entry").path(), nobody, group).expect("chown");
+    }
+    let socket = format!("/run/localkms-test-{}/kms.sock", std::process::id());
+    let out = Command::new(bin())
+        .args(["serve", "--check-config", "--socket", &socket])
+        .args(ws.keystore_args())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("uid 65534")
+            && text.contains("/run")
+            && text.contains("--socket in a directory this user owns"),
+        "{text}"
     );
 }

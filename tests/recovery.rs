@@ -604,3 +604,23 @@ fn a_failed_backup_is_logged_counted_and_retried_and_serving_goes_on_without_lea
         .to_owned();
     assert!(!log.contains(&material), "key material in the log");
 }
+
+/// An export killed mid-write (SIGKILL) leaves its temp file beside the output; the next
+/// export of that file removes it, and leaves other files' temp files alone.
+#[test]
+fn an_export_removes_the_temp_file_a_killed_export_left() {
+    let ws = Workspace::new();
+    let (_identity, recipient) = keygen(ws.dir.path(), "id.txt");
+    let backup = ws.dir.path().join("b.age");
+    let stale = ws.dir.path().join(".b.age.Xk3jQ9.tmp");
+    let other = ws.dir.path().join(".other.age.Zz81aa.tmp");
+    std::fs::write(&stale, b"half an export").expect("stale");
+    std::fs::write(&other, b"someone else's").expect("other");
+    ok(&export(&ws, &recipient, &backup));
+    assert!(
+        !stale.exists(),
+        "the stale temp file of this export was removed"
+    );
+    assert!(other.exists(), "another file's temp file is not touched");
+    assert!(backup.is_file());
+}

@@ -113,6 +113,10 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Give up after this long (`5s`, `500ms`): a socket that accepts but never answers
+        /// must not hang a probe or a script.
+        #[arg(long, env = "LOCALKMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Load-test any KMS v2 or v1 plugin socket.
     Bench(BenchArgs),

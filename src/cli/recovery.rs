@@ -80,8 +80,8 @@ impl From<KeystoreError> for RecoveryError {
     }
 }
 
-/// Writes `bytes` to `path` with mode 0600, atomically; never replaces a file unless
-/// `replace`.
+/// Writes `bytes` to `path` with mode 0600, atomically (a temp file beside it, renamed);
+/// never replaces a file unless `replace`.
 fn write_private(
     path: &Path,
     bytes: &[u8],
@@ -111,7 +111,11 @@ fn write_private(
         }
         _ => {}
     }
-    crate::keystore::file::write_atomically(path, ".localkms-", bytes, replace, || {}).map_err(
+    // A writer of this file killed mid-write (SIGKILL) left its temp file: remove it. Temp
+    // files are named after the file they become, so no other file's write is touched.
+    crate::keystore::file::remove_stale_temp_files(path);
+    let prefix = crate::keystore::file::temp_prefix(path);
+    crate::keystore::file::write_atomically(path, &prefix, bytes, replace, || {}).map_err(
         |source| {
             if source.kind() == std::io::ErrorKind::AlreadyExists {
                 RecoveryError::Exists {

@@ -180,8 +180,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } => recovery::split(&identity, shares, threshold, &out_dir)?,
             RecoveryCommand::Combine { out, shares } => recovery::combine(&out, &shares)?,
         }),
-        Command::Status { socket, json } => {
-            let report = runtime()?.block_on(client::status(&socket.socket))?;
+        Command::Status {
+            socket,
+            json,
+            timeout,
+        } => {
+            let report = runtime()?
+                .block_on(async {
+                    tokio::time::timeout(timeout, client::status(&socket.socket)).await
+                })
+                .map_err(|_| client::ClientError::Timeout(socket.socket.clone().into()))??;
             println_out(if json {
                 serde_json::to_string(&report)?
             } else {

@@ -22,8 +22,5 @@ pub async fn connect(endpoint: &str) -> Result<Channel, ClientError> {
             }
         }))
         .await
-        .map_err(|source| ClientError::Connect {
-            socket: shown,
-            source,
-        })
+        .map_err(|source| ClientError::connect(shown, source))
 }

@@ -19,6 +19,26 @@ pub enum ClientError {
     /// The endpoint is not a Unix socket.
     #[error(transparent)]
     Endpoint(#[from] crate::server::socket::SocketError),
+    /// The socket file may not be opened by this process.
+    #[error("permission denied on {socket}: this process (uid {uid}, gid {gid}) may not open it. Run as a uid the plugin allows: root, the owner of the socket, or a member of its --socket-group")]
+    PermissionDenied {
+        /// The socket.
+        socket: PathBuf,
+        /// This process's uid.
+        uid: u32,
+        /// This process's gid.
+        gid: u32,
+    },
+    /// The plugin closed the connection before a byte was exchanged: its peer check.
+    #[error("the plugin on {socket} closed the connection at once: it does not allow this process (uid {uid}, gid {gid}). Run as a uid or gid in its --allow-uid/--allow-gid list (its log names the refused peer)")]
+    RefusedPeer {
+        /// The socket.
+        socket: PathBuf,
+        /// This process's uid.
+        uid: u32,
+        /// This process's gid.
+        gid: u32,
+    },
     /// Nothing answers on the socket.
     #[error(
         "cannot connect to {socket}: {source} (is the plugin running, and is this its --socket?)"
@@ -48,6 +68,31 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// A failed connect, told apart by the OS error under it: permission denied on the
+    /// socket file, or a connection the plugin's peer check closed at once.
+    fn connect(socket: PathBuf, source: tonic::transport::Error) -> Self {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+        let mut kind = None;
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                kind = Some(io.kind());
+                break;
+            }
+            cause = e.source();
+        }
+        let uid = rustix::process::geteuid().as_raw();
+        let gid = rustix::process::getegid().as_raw();
+        match kind {
+            Some(std::io::ErrorKind::PermissionDenied) => {
+                ClientError::PermissionDenied { socket, uid, gid }
+            }
+            Some(std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
+                ClientError::RefusedPeer { socket, uid, gid }
+            }
+            _ => ClientError::Connect { socket, source },
+        }
+    }
+
     fn rpc(method: &'static str, status: tonic::Status) -> Self {
         ClientError::Rpc {
             method,

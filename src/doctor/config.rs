@@ -65,6 +65,13 @@ pub fn check(
     let file = path.display();
     let mut out = Vec::new();
     let mut facts = ConfigFacts::default();
+    if let Err(why) = super::yaml_bounds::check(text) {
+        out.push(Check::fail(
+            format!("{file}: {why}"),
+            "point --encryption-config at the apiserver's EncryptionConfiguration (deploy/kubernetes/encryption-config.yaml is one)",
+        ));
+        return (out, facts);
+    }
     let docs = match YamlLoader::load_from_str(text) {
         Ok(d) if !d.is_empty() => d,
         Ok(_) => {

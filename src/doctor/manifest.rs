@@ -26,6 +26,13 @@ fn covers(dir: &str, path: &str) -> bool {
 pub fn check(text: &str, path: &Path, config: Option<&str>, socket: Option<&str>) -> Vec<Check> {
     let file = path.display();
     let mut out = Vec::new();
+    if let Err(why) = super::yaml_bounds::check(text) {
+        out.push(Check::fail(
+            format!("{file}: {why}"),
+            "point --apiserver-manifest at /etc/kubernetes/manifests/kube-apiserver.yaml",
+        ));
+        return out;
+    }
     let pod = match YamlLoader::load_from_str(text) {
         Ok(d) if !d.is_empty() => d[0].clone(),
         Ok(_) | Err(_) => {

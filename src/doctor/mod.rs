@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod manifest;
+mod yaml_bounds;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

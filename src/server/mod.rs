@@ -87,6 +87,9 @@ pub enum ServerError {
     /// A world-writable socket with no allow list.
     #[error("--socket-mode {0:04o} lets every local user call the plugin and there is no --allow-uid/--allow-gid list: anyone on the node could decrypt the cluster's secrets. Use --socket-mode 0600 (or 0660 with --socket-group), add --allow-uid/--allow-gid, or pass --allow-world if that is really intended")]
     WorldSocket(u32),
+    /// An abstract socket with no allow list.
+    #[error("abstract socket @{0} has no file mode, so every process in this network namespace can call the plugin (with hostNetwork, every process on the node) and there is no --allow-uid/--allow-gid list: anyone could decrypt the cluster's secrets. Add --allow-uid/--allow-gid with the apiserver's uid or gid, use a socket file, or pass --allow-world if that is really intended")]
+    OpenAbstractSocket(String),
     /// The metrics listener could not start.
     #[error(transparent)]
     Http(#[from] endpoints::HttpError),
@@ -238,18 +241,20 @@ pub struct ServeConfig {
     pub backup: Option<crate::recovery::backup::BackupConfig>,
 }
 
-/// Refuses a socket file every local user may connect to with no caller allow list, unless
+/// Refuses a socket every local process may connect to with no caller allow list (a
+/// world-writable socket file, or an abstract socket, which has no file mode at all), unless
 /// the operator said so with `--allow-world`.
 fn check_socket_exposure(config: &ServeConfig) -> Result<(), ServerError> {
-    let world_writable = config.socket_mode & 0o002 != 0;
-    if matches!(config.socket, socket::Endpoint::Path(_))
-        && world_writable
-        && !config.limits.accept.restricts_peers()
-        && !config.allow_world
-    {
-        return Err(ServerError::WorldSocket(config.socket_mode));
+    if config.limits.accept.restricts_peers() || config.allow_world {
+        return Ok(());
     }
-    Ok(())
+    match &config.socket {
+        socket::Endpoint::Path(_) if config.socket_mode & 0o002 != 0 => {
+            Err(ServerError::WorldSocket(config.socket_mode))
+        }
+        socket::Endpoint::Abstract(name) => Err(ServerError::OpenAbstractSocket(name.clone())),
+        socket::Endpoint::Path(_) => Ok(()),
+    }
 }
 
 /// What `serve` starts from once every check has passed: the configuration validated, the
@@ -492,7 +497,7 @@ pub async fn serve(
             "no caller allow-list: the socket file's mode is the only access control"
         ),
         (socket::Endpoint::Abstract(_), false) => tracing::warn!(
-            "abstract socket without a caller allow-list: any process in this network namespace can connect"
+            "ABSTRACT SOCKET (--allow-world) and no caller allow-list: any process in this network namespace can connect and decrypt the cluster's secrets"
         ),
     }
     if let Some(after) = config.rotate_after {

@@ -76,10 +76,8 @@ pub(super) async fn run(config: &ServeConfig) -> Result<String, ServerError> {
         ),
         check_socket_exposure(config),
     );
-    if matches!(config.socket, socket::Endpoint::Abstract(_))
-        && !config.limits.accept.restricts_peers()
-    {
-        r.note("an abstract socket without --allow-uid/--allow-gid: any process in this network namespace can connect (the shipped static pod uses hostNetwork)");
+    if config.allow_world && !config.limits.accept.restricts_peers() {
+        r.note("--allow-world: no caller allow list, and the socket is open to every local user or process");
     }
     r.check("--require-mlock", check_mlock(config));
     let metrics_rule = r.check("--metrics-addr rule", check_metrics_rule(config));

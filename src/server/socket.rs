@@ -11,6 +11,9 @@ pub enum SocketError {
     /// Not a Unix socket endpoint.
     #[error("endpoint {0:?} is not a Unix socket path: use unix:///path/to/kms.sock or /path/to/kms.sock")]
     BadEndpoint(String),
+    /// An abstract socket name longer than `sun_path` holds.
+    #[error("abstract socket name {0:?} is {1} bytes; Linux allows at most 107 (sun_path is 108 bytes, one of which marks the name as abstract): use a shorter name")]
+    AbstractNameTooLong(String, usize),
     /// Another live server answers on the path.
     #[error(
         "another server is already listening on {0}; stop it first or pass a different --socket"
@@ -28,6 +31,16 @@ pub enum SocketError {
         gid: u32,
         /// What the OS said.
         source: std::io::Error,
+    },
+    /// The socket or its directory cannot be created by this user.
+    #[error("cannot listen on {path}: permission denied; this process runs as uid {uid}, which cannot create files in {dir}. Run localkms as root (or as the user the directory belongs to), create {dir} beforehand owned by this user with mode 0700, or pass a --socket in a directory this user owns", dir = .dir.display())]
+    PermissionDenied {
+        /// The socket path.
+        path: PathBuf,
+        /// The directory that could not be written.
+        dir: PathBuf,
+        /// This process's uid.
+        uid: u32,
     },
     /// Any other I/O failure.
     #[error("cannot listen on {path}: {source}")]
@@ -93,8 +106,14 @@ pub fn parse_endpoint(endpoint: &str) -> Result<Endpoint, SocketError> {
     }
     if let Some(name) = rest.strip_prefix("/@").or_else(|| rest.strip_prefix('@')) {
         // sun_path holds 108 bytes, one of which marks the name as abstract.
-        if name.is_empty() || name.len() > 107 {
+        if name.is_empty() {
             return Err(bad());
+        }
+        if name.len() > 107 {
+            return Err(SocketError::AbstractNameTooLong(
+                name.chars().take(120).collect(),
+                name.len(),
+            ));
         }
         return Ok(Endpoint::Abstract(name.to_owned()));
     }
@@ -190,9 +209,26 @@ fn bind_path(
     mode: u32,
     group: Option<u32>,
 ) -> Result<(UnixListener, SocketGuard), SocketError> {
-    let io = |source| SocketError::Io {
-        path: path.to_owned(),
-        source,
+    let io = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            let mut dir = crate::keystore::file::dir_of(path);
+            // The nearest directory that exists is the one that could not be written.
+            while !dir.exists() {
+                match dir.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => dir = p,
+                    _ => break,
+                }
+            }
+            return SocketError::PermissionDenied {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+                uid: rustix::process::geteuid().as_raw(),
+            };
+        }
+        SocketError::Io {
+            path: path.to_owned(),
+            source,
+        }
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
@@ -267,6 +303,19 @@ pub fn check_bindable(endpoint: &Endpoint) -> Result<(), SocketError> {
         return Err(SocketError::Io {
             path: path.clone(),
             source: std::io::Error::other(format!("{} is not a directory", dir.display())),
+        });
+    }
+    // The socket (or the directories above it) must be creatable by this user.
+    if rustix::fs::access(
+        dir,
+        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+    )
+    .is_err()
+    {
+        return Err(SocketError::PermissionDenied {
+            path: path.clone(),
+            dir: dir.to_owned(),
+            uid: rustix::process::geteuid().as_raw(),
         });
     }
     Ok(())

@@ -129,7 +129,7 @@ impl UpgradeState {
     ) -> Result<(), KeystoreError> {
         match self.status(ks.keystore_id(), root)? {
             Recorded::Finalized if !ks.finalized() => Err(KeystoreError::Refused(format!(
-                "keystore {location} is in the format of the release before the upgrade (format {PRE_FINALIZE_FORMAT}), but this node has served it finalized (format {FORMAT_VERSION}, recorded in {}): an old copy put back in place would get around the protections of this release's format. Restore a backup with `localkms keystore import`, which writes this release's format, rather than copying an old file or etcd revision into place",
+                "keystore {location} is in the format of the release before the upgrade (format {PRE_FINALIZE_FORMAT}), but this node has served it finalized (format {FORMAT_VERSION}, recorded in {}): an old copy put back in place would get around the protections of this release's format. To recover from that copy deliberately, export it (`localkms keystore export --keystore COPY …`) and restore the export with `localkms keystore import`, which writes this release's format; do not copy an old file or etcd revision into place",
                 self.path.display()
             ))),
             Recorded::Unverified(why) => {
@@ -170,7 +170,6 @@ impl UpgradeState {
         };
         state.mac = MacKey::derive(root.key(), LABEL)?.sign_hex(&state.signed_bytes());
         let bytes = serde_json::to_vec_pretty(&state).unwrap_or_default();
-        file::remove_stale_temp_files(&self.path);
         file::write_atomically(
             &self.path,
             &file::temp_prefix(&self.path),
