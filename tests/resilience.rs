@@ -731,3 +731,45 @@ fn fifos_at_the_state_files_are_not_waited_on() {
         "{err}"
     );
 }
+
+/// The socket file deleted while serving: the server binds it again and goes on serving (and
+/// is unready only meanwhile). Another process's socket put in its place: the server goes
+/// unready, logs the takeover and exits non-zero, so its supervisor restarts it.
+#[test]
+fn a_deleted_socket_is_bound_again_and_a_taken_over_one_stops_the_server() {
+    let ws = Workspace::new();
+    let port = common::free_port();
+    let mut server = ws.serve_with(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    assert_eq!(common::http_get(port, "/readyz").0, 200);
+    std::fs::remove_file(&ws.socket).expect("rm socket");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !common::blocking_status_ok(&ws.socket) {
+        assert!(
+            Instant::now() < deadline,
+            "the socket was never bound again: {}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(common::http_get(port, "/readyz").0, 200);
+    assert!(
+        server.log_text().contains("bound it again"),
+        "{}",
+        server.log_text()
+    );
+
+    // Another process binds the path.
+    std::fs::remove_file(&ws.socket).expect("rm socket");
+    let _intruder = std::os::unix::net::UnixListener::bind(&ws.socket).expect("bind");
+    let status = common::wait_with_timeout(&mut server.child, Duration::from_secs(15));
+    assert!(!status.success(), "{}", server.log_text());
+    let log = server.log_text();
+    assert!(
+        log.contains("another process's socket") && log.contains("supervisor restarts"),
+        "{log}"
+    );
+    assert!(
+        ws.socket.exists(),
+        "the intruder's socket is not removed by the server"
+    );
+}

@@ -26,7 +26,7 @@ pub async fn check(endpoint: &str) -> Result<CheckReport, ClientError> {
     let status = client
         .status(StatusRequest {})
         .await
-        .map_err(|s| ClientError::rpc("Status", s))?
+        .map_err(|s| ClientError::first_call(endpoint, "Status", s))?
         .into_inner();
     if status.healthz != "ok" {
         return Err(ClientError::Contract(format!(

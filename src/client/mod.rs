@@ -29,8 +29,8 @@ pub enum ClientError {
         /// This process's gid.
         gid: u32,
     },
-    /// The plugin closed the connection before a byte was exchanged: its peer check.
-    #[error("the plugin on {socket} closed the connection at once: it does not allow this process (uid {uid}, gid {gid}). Run as a uid or gid in its --allow-uid/--allow-gid list (its log names the refused peer)")]
+    /// The plugin closed the connection before answering anything: its peer check.
+    #[error("the plugin on {socket} closed the connection at once: it does not allow this process (uid {uid}, gid {gid}), or it is shutting down. Run as a uid or gid in its --allow-uid/--allow-gid list (its log names the refused peer)")]
     RefusedPeer {
         /// The socket.
         socket: PathBuf,
@@ -68,6 +68,26 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The first call's failure: a connection the plugin closed before answering (its peer
+    /// check, which may close a connection the client already thinks is up) is told apart
+    /// from the plugin's own error answers.
+    fn first_call(endpoint: &str, method: &'static str, status: tonic::Status) -> Self {
+        let closed = matches!(
+            status.code(),
+            tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+        ) && ["canceled", "broken pipe", "reset", "connection", "closed"]
+            .iter()
+            .any(|n| status.message().to_ascii_lowercase().contains(n));
+        if closed {
+            return ClientError::RefusedPeer {
+                socket: PathBuf::from(endpoint),
+                uid: rustix::process::geteuid().as_raw(),
+                gid: rustix::process::getegid().as_raw(),
+            };
+        }
+        ClientError::rpc(method, status)
+    }
+
     /// A failed connect, told apart by the OS error under it: permission denied on the
     /// socket file, or a connection the plugin's peer check closed at once.
     fn connect(socket: PathBuf, source: tonic::transport::Error) -> Self {
@@ -119,7 +139,7 @@ pub async fn status(endpoint: &str) -> Result<StatusReport, ClientError> {
     let resp = client
         .status(StatusRequest {})
         .await
-        .map_err(|s| ClientError::rpc("Status", s))?
+        .map_err(|s| ClientError::first_call(endpoint, "Status", s))?
         .into_inner();
     Ok(StatusReport {
         version: resp.version,

@@ -135,9 +135,11 @@ fn peer_of(stream: &UnixStream) -> Option<PeerInfo> {
 /// the stream.
 pub(super) fn accept_stream(
     listener: UnixListener,
+    mut rebound: Option<mpsc::Receiver<UnixListener>>,
     policy: AcceptPolicy,
     on_reject: impl Fn() + Send + 'static,
 ) -> ReceiverStream<Result<Connection, std::io::Error>> {
+    let mut listener = listener;
     let (tx, rx) = mpsc::channel(16);
     let slots = Arc::new(Semaphore::new(policy.max_connections.max(1)));
     tokio::spawn(async move {
@@ -185,6 +187,18 @@ pub(super) fn accept_stream(
             let accepted = tokio::select! {
                 _ = tx.closed() => return,
                 accepted = listener.accept() => accepted,
+                // The socket file was removed and bound again (see `socket_watch`): accept
+                // from the new listener from now on.
+                Some(next) = async {
+                    match rebound.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    listener = next;
+                    drop(slot);
+                    continue;
+                }
             };
             match accepted {
                 Ok((stream, _)) => {

@@ -27,6 +27,7 @@ mod guard;
 mod incoming;
 mod preflight;
 pub mod socket;
+mod socket_watch;
 mod status;
 mod v1;
 mod v2;
@@ -90,6 +91,9 @@ pub enum ServerError {
     /// An abstract socket with no allow list.
     #[error("abstract socket @{0} has no file mode, so every process in this network namespace can call the plugin (with hostNetwork, every process on the node) and there is no --allow-uid/--allow-gid list: anyone could decrypt the cluster's secrets. Add --allow-uid/--allow-gid with the apiserver's uid or gid, use a socket file, or pass --allow-world if that is really intended")]
     OpenAbstractSocket(String),
+    /// Another file or process took the socket path over while serving.
+    #[error("the socket {0} was replaced by another file or another process's socket while serving; stopped so that a supervisor restarts this server (find what bound it: `ss -xlp | grep kms.sock`)")]
+    SocketTakenOver(String),
     /// The metrics listener could not start.
     #[error(transparent)]
     Http(#[from] endpoints::HttpError),
@@ -142,6 +146,20 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_rebinding(listener, None, keyring, version, limits, metrics, shutdown).await
+}
+
+/// As [`run`], also accepting from each listener sent on `rebound` (the socket file bound
+/// again after it was removed), in place of the one before.
+async fn run_rebinding(
+    listener: UnixListener,
+    rebound: Option<tokio::sync::mpsc::Receiver<UnixListener>>,
+    keyring: SharedKeyring,
+    version: StatusVersion,
+    limits: &Limits,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let v2 = KeyManagementServiceServer::new(V2Service::new(keyring.clone(), version))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let v1 = V1Server::new(V1Service::new(keyring)).max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -157,7 +175,7 @@ pub async fn run(
         shutdown.await;
         let _ = draining_tx.send(());
     };
-    let incoming = incoming::accept_stream(listener, limits.accept.clone(), move || {
+    let incoming = incoming::accept_stream(listener, rebound, limits.accept.clone(), move || {
         metrics.rejected_peer()
     });
     // HTTP/2 itself holds each connection to MAX_STREAMS_PER_CONNECTION streams; a tower
@@ -508,6 +526,16 @@ pub async fn serve(
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = Vec::new();
+    let socket_health = socket_watch::SocketHealth::default();
+    let (rebound_tx, rebound_rx) = tokio::sync::mpsc::channel(1);
+    background.push(tokio::spawn(socket_watch::watch(
+        guard.file().cloned(),
+        config.socket_mode,
+        config.socket_group,
+        socket_health.clone(),
+        rebound_tx,
+        stop_rx.clone(),
+    )));
     if let Some(nodes) = store.nodes_with(&record_key) {
         if config.cache_dir.is_none() {
             tracing::warn!("no --cache-dir: this server cannot start while etcd is unreachable");
@@ -545,19 +573,25 @@ pub async fn serve(
         let ep = endpoints::Endpoints {
             keyring: keyring.clone(),
             metrics: Arc::clone(&metrics),
+            socket_ours: Some(socket_health.flag()),
         };
         let mut http_stop = stop_rx.clone();
         background.push(tokio::spawn(endpoints::serve(listener, ep, async move {
             let _ = http_stop.wait_for(|stop| *stop).await;
         })));
     }
+    let taken = socket_health.clone();
     let signal = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = taken.wait_taken_over() => {}
+        }
         tracing::info!("shutting down: no new connections, finishing in-flight calls");
         let _ = stop_tx.send(true);
     };
-    let result = run(
+    let result = run_rebinding(
         listener,
+        Some(rebound_rx),
         keyring,
         config.status_version,
         &config.limits,
@@ -569,8 +603,15 @@ pub async fn serve(
     for task in background {
         let _ = task.await;
     }
+    let mut guard = guard;
+    if socket_health.taken_over() {
+        guard.disarm();
+    }
     drop(guard);
     tracing::info!(socket = %config.socket, "stopped");
+    if socket_health.taken_over() {
+        return Err(ServerError::SocketTakenOver(config.socket.to_string()));
+    }
     result
 }
 

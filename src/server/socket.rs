@@ -123,18 +123,43 @@ pub fn parse_endpoint(endpoint: &str) -> Result<Endpoint, SocketError> {
     Ok(Endpoint::Path(PathBuf::from(rest)))
 }
 
+/// A file's identity: device, inode, and the change time, since a deleted file's inode
+/// number is often given at once to the next file created (another process's socket at the
+/// same path would otherwise look like ours).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId(u64, u64, i64, i64);
+
+impl FileId {
+    /// The identity of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        FileId(meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+    }
+}
+
 /// Removes the socket file when the server stops, unless another server has replaced it.
 pub struct SocketGuard {
-    file: Option<(PathBuf, (u64, u64))>,
+    file: Option<(PathBuf, FileId)>,
+}
+
+impl SocketGuard {
+    /// The socket file and its identity, for a path socket.
+    pub fn file(&self) -> Option<&(PathBuf, FileId)> {
+        self.file.as_ref()
+    }
+
+    /// Leaves the file in place when dropped (it is another process's now).
+    pub fn disarm(&mut self) {
+        self.file = None;
+    }
 }
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let Some((path, dev_ino)) = &self.file else {
+        let Some((path, id)) = &self.file else {
             return;
         };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if (meta.dev(), meta.ino()) == *dev_ino {
+            if FileId::of(&meta) == *id {
                 match std::fs::remove_file(path) {
                     Ok(()) => tracing::info!(socket = %path.display(), "socket removed"),
                     Err(e) => {
@@ -258,14 +283,20 @@ fn bind_path(
             io(e)
         }
     })?;
-    let meta = std::fs::symlink_metadata(path).map_err(io)?;
-    let guard = SocketGuard {
-        file: Some((path.to_owned(), (meta.dev(), meta.ino()))),
+    // Until its identity is known (after the group and mode change it), the file is removed
+    // by path if this fails half-way.
+    let mut guard = SocketGuard { file: None };
+    let cleanup = |e: SocketError| {
+        let _ = std::fs::remove_file(path);
+        e
     };
     if let Some(gid) = group {
-        give_to_group(path, gid)?;
+        give_to_group(path, gid).map_err(cleanup)?;
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| cleanup(io(e)))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| cleanup(io(e)))?;
+    guard.file = Some((path.to_owned(), FileId::of(&meta)));
     std_listener.set_nonblocking(true).map_err(io)?;
     let listener = UnixListener::from_std(std_listener).map_err(io)?;
     Ok((listener, guard))

@@ -36,6 +36,9 @@ pub struct Endpoints {
     pub keyring: SharedKeyring,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Whether the socket path is still this server's socket (none: not watched): readiness
+    /// fails when the apiserver can no longer reach the server.
+    pub socket_ours: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Binds `addr` (loopback only unless `allow_non_loopback`).
@@ -68,6 +71,17 @@ pub fn respond(ep: &Endpoints, path: &str) -> Response<Full<Bytes>> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         "/healthz" | "/readyz" => {
+            let socket_ours = ep
+                .socket_ours
+                .as_ref()
+                .is_none_or(|f| f.load(std::sync::atomic::Ordering::Acquire));
+            if !socket_ours {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the socket file is gone or no longer this server's\n".to_owned(),
+                    PLAIN,
+                );
+            }
             let ring = ep.keyring.load();
             let status = if ring.healthy() {
                 StatusCode::OK
@@ -129,6 +143,7 @@ mod tests {
         Endpoints {
             metrics: Arc::new(Metrics::new().with_state(keyring.clone(), Default::default())),
             keyring,
+            socket_ours: None,
         }
     }
 
