@@ -210,7 +210,8 @@ impl Reloader {
         let (generation, write_id, keystore_id) =
             (ks.generation(), ks.write_id(), ks.keystore_id());
         let new_kdf = ks.kdf().clone();
-        let next = Keyring::from_keystore(ks, Arc::clone(&self.usage));
+        let next = Keyring::from_keystore(ks, Arc::clone(&self.usage))
+            .with_legacy(Arc::clone(current.legacy()));
         let dropped: Vec<String> = current
             .key_ids()
             .filter(|id| !next.key_ids().any(|n| n == *id))

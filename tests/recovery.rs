@@ -624,3 +624,58 @@ fn an_export_removes_the_temp_file_a_killed_export_left() {
     assert!(other.exists(), "another file's temp file is not touched");
     assert!(backup.is_file());
 }
+
+/// Three good shares and a damaged fourth (K = 3): the identity is rebuilt from the good ones
+/// and the damaged share is named; an altered threshold line is named as altered.
+#[test]
+fn combine_rebuilds_from_any_k_good_shares_and_names_the_bad_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (identity, recipient) = keygen(dir.path(), "id.txt");
+    let shares_dir = dir.path().join("shares");
+    let listed = ok(&localkms(&[
+        "recovery",
+        "split",
+        "--identity",
+        s(&identity),
+        "--shares",
+        "5",
+        "--threshold",
+        "3",
+        "--out-dir",
+        s(&shares_dir),
+    ]));
+    let shares: Vec<String> = listed.lines().map(str::to_owned).collect();
+    // Damage share 2's data (flip one base64 character) and alter share 4's threshold.
+    let text = std::fs::read_to_string(&shares[1]).expect("read");
+    let data_line = text
+        .lines()
+        .find(|l| l.starts_with("data: "))
+        .expect("data");
+    let mut chars: Vec<char> = data_line.chars().collect();
+    let at = 10;
+    chars[at] = if chars[at] == 'A' { 'B' } else { 'A' };
+    let damaged: String = chars.into_iter().collect();
+    std::fs::write(&shares[1], text.replace(data_line, &damaged)).expect("damage");
+    let text = std::fs::read_to_string(&shares[3]).expect("read");
+    std::fs::write(&shares[3], text.replace("threshold: 3", "threshold: 2")).expect("alter");
+
+    let out_file = dir.path().join("rebuilt.txt");
+    let out = localkms(&[
+        "recovery",
+        "combine",
+        "--out",
+        s(&out_file),
+        &shares[0],
+        &shares[1],
+        &shares[2],
+        &shares[3],
+        &shares[4],
+    ]);
+    assert_eq!(ok(&out).trim(), recipient);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("left out {}: damaged", shares[1]))
+            && said.contains(&format!("left out {}: altered", shares[3])),
+        "{said}"
+    );
+}

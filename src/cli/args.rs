@@ -652,6 +652,11 @@ pub struct ServeArgs {
     /// unusual setups only; the check exists because the keystore holds every KEK.
     #[arg(long)]
     pub insecure_skip_file_checks: bool,
+    /// Refuse ciphertexts in the legacy envelope format 1 (written before 0.3.0, and openable
+    /// through both KMS APIs) with FailedPrecondition: once every object was rewritten and
+    /// `localkms_legacy_envelope_decrypts` stays at 0.
+    #[arg(long, env = "LOCALKMS_REFUSE_LEGACY_ENVELOPES", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub refuse_legacy_envelopes: bool,
     /// Write an age-encrypted backup of the keystore to this directory for every generation
     /// loaded, before it is used (needs --backup-recipient or --backup-passphrase-file).
     #[arg(long, env = "LOCALKMS_BACKUP_DIR")]

@@ -202,15 +202,22 @@ pub fn combine(out: &Path, files: &[PathBuf]) -> Result<Printed, RecoveryError> 
         let text = String::from_utf8_lossy(&bytes);
         parsed.push((name.clone(), shares::parse(&name, &text)?));
     }
-    let identity = shares::combine(&parsed)?;
+    let combined = shares::combine(&parsed)?;
+    let identity = &combined.identity;
     write_private(out, identity.as_bytes(), false, "; pick another --out")?;
-    let recipient = sealing::recipient_of(&identity).unwrap_or_default();
+    let recipient = sealing::recipient_of(identity).unwrap_or_default();
+    let mut note = format!(
+        "rebuilt the recovery identity for {recipient} into {} (mode 0600); delete it once the restore is done",
+        out.display()
+    );
+    for (name, why) in &combined.left_out {
+        note.push_str(&format!(
+            "\nwarning: left out {name}: {why}. Replace it: split the rebuilt identity again (`localkms recovery split`) and hand out the new set"
+        ));
+    }
     Ok(Printed {
         stdout: format!("{recipient}\n"),
-        stderr: format!(
-            "rebuilt the recovery identity for {recipient} into {} (mode 0600); delete it once the restore is done",
-            out.display()
-        ),
+        stderr: note,
         committed: Some(format!("wrote rebuilt identity {}", out.display())),
     })
 }

@@ -487,6 +487,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         metrics_allow_non_loopback: args.metrics_allow_non_loopback,
         insecure_skip_file_checks: args.insecure_skip_file_checks,
+        refuse_legacy_envelopes: args.refuse_legacy_envelopes,
         backup: match &args.backup_dir {
             None => None,
             Some(dir) => {

@@ -241,6 +241,12 @@ impl<'a> Envelope<'a> {
         })
     }
 
+    /// Whether this ciphertext is in the legacy format 1, which both APIs still open (it was
+    /// written before the version byte named the API).
+    pub fn is_legacy(&self) -> bool {
+        self.version == FORMAT_LEGACY
+    }
+
     /// The KEK this ciphertext claims to be sealed under.
     pub fn key_id(&self) -> &KeyId {
         &self.key_id

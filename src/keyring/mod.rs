@@ -25,6 +25,9 @@ pub enum KeyringError {
     /// The ciphertext or plaintext is malformed.
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
+    /// A legacy format-1 ciphertext, and `--refuse-legacy-envelopes` is set.
+    #[error("this ciphertext is in the legacy envelope format 1 (written by localkms before 0.3.0, and openable through both KMS APIs), which --refuse-legacy-envelopes refuses; if objects still hold such values, rewrite them (`kubectl get secrets -A -o json | kubectl replace -f -`) or serve without the flag")]
+    LegacyRefused,
     /// The request's key_id differs from the one inside the ciphertext.
     #[error(
         "request key_id {requested:?} does not match the key id {inside} inside the ciphertext"
@@ -87,7 +90,44 @@ pub struct Keyring {
     keys: HashMap<KeyId, Entry>,
     info: Vec<KeyInfo>,
     usage: Arc<UsageTracker>,
+    legacy: Arc<LegacyPolicy>,
     self_test_passed: bool,
+}
+
+/// What happens to legacy format-1 ciphertexts: counted (`localkms_legacy_envelope_decrypts`,
+/// so an operator sees when none are left) and, once the operator says so, refused. Shared by
+/// every keyring a server loads, like the usage counts.
+#[derive(Debug, Default)]
+pub struct LegacyPolicy {
+    refuse: std::sync::atomic::AtomicBool,
+    decrypts: std::sync::atomic::AtomicU64,
+}
+
+impl LegacyPolicy {
+    /// Refuse format-1 ciphertexts from now on.
+    pub fn refuse(&self) {
+        self.refuse
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Format-1 ciphertexts opened so far.
+    pub fn decrypts(&self) -> u64 {
+        self.decrypts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn admit(&self, env: &Envelope<'_>) -> Result<(), KeyringError> {
+        if env.is_legacy() && self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(KeyringError::LegacyRefused);
+        }
+        Ok(())
+    }
+
+    fn opened(&self, env: &Envelope<'_>) {
+        if env.is_legacy() {
+            self.decrypts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl Keyring {
@@ -127,10 +167,18 @@ impl Keyring {
             keys,
             info,
             usage,
+            legacy: Arc::default(),
             self_test_passed: false,
         };
         ring.self_test_passed = ring.self_test();
         ring
+    }
+
+    /// This keyring with `policy` for legacy ciphertexts: the one of the keyring it replaces,
+    /// so a reload keeps the refusal and the count.
+    pub fn with_legacy(mut self, policy: Arc<LegacyPolicy>) -> Self {
+        self.legacy = policy;
+        self
     }
 
     /// An empty keyring: what the server holds before any keystore loaded.
@@ -143,6 +191,7 @@ impl Keyring {
             keys: HashMap::new(),
             info: Vec::new(),
             usage: Arc::new(UsageTracker::default()),
+            legacy: Arc::default(),
             self_test_passed: false,
         }
     }
@@ -236,6 +285,7 @@ impl Keyring {
         requested_key_id: &str,
     ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
         let env = Envelope::parse(ciphertext)?;
+        self.legacy.admit(&env)?;
         env.check_api(Api::V2)?;
         if requested_key_id.is_empty() {
             return Err(KeyringError::MissingKeyId);
@@ -246,15 +296,26 @@ impl Keyring {
                 inside: env.key_id().clone(),
             });
         }
-        self.open(&env, true)
+        let plain = self.open(&env, true)?;
+        self.legacy.opened(&env);
+        Ok(plain)
+    }
+
+    /// Refuses legacy format-1 ciphertexts from now on (`--refuse-legacy-envelopes`), on this
+    /// keyring and every one the reloader swaps in after it.
+    pub fn legacy(&self) -> &Arc<LegacyPolicy> {
+        &self.legacy
     }
 
     /// Opens a KMS v1 ciphertext (KMS v1 carries no key id to cross-check), refusing one
     /// sealed for KMS v2.
     pub fn decrypt_v1(&self, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
         let env = Envelope::parse(ciphertext)?;
+        self.legacy.admit(&env)?;
         env.check_api(Api::V1)?;
-        self.open(&env, true)
+        let plain = self.open(&env, true)?;
+        self.legacy.opened(&env);
+        Ok(plain)
     }
 
     fn open(&self, env: &Envelope<'_>, count: bool) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
@@ -329,6 +390,55 @@ mod tests {
             old,
             new,
         )
+    }
+
+    /// The frozen format-1 vector of `crypto::envelope` (KEK 00..1f, key id
+    /// kek-20261126-3f2a9c1e): opened through both APIs and counted, until refused.
+    #[test]
+    fn legacy_format_1_is_counted_and_refused_on_request() {
+        let id = KeyId::parse("kek-20261126-3f2a9c1e").expect("id");
+        let material: Vec<u8> = (0u8..32).collect();
+        let mut ks = crate::keystore::model::tests::fresh();
+        ks.records.push(crate::keystore::KekRecord {
+            id: id.clone(),
+            state: KeyState::Retired,
+            created_at: 0,
+            changed_at: 0,
+            disabled_from: None,
+            material: SecretKey::from_slice(&material),
+        });
+        let ring = Keyring::from_keystore(ks, Arc::new(UsageTracker::default()));
+        let hex = concat!(
+            "01156b656b2d32303236313132362d3366326139633165",
+            "a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5",
+            "5a5a5a5a5a5a5a5a5a5a5a5a",
+            "7eb73acfd46d03cf8c44885caf7f4cb7c24f9bada39e95234d45e9633ea0be1d",
+            "f162fbb8508240bd89aa531a3c87ba9f",
+        );
+        let ct: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let plain: Vec<u8> = (0x20u8..0x40).collect();
+        assert_eq!(&ring.decrypt(&ct, id.as_str()).expect("v2")[..], &plain[..]);
+        assert_eq!(&ring.decrypt_v1(&ct).expect("v1")[..], &plain[..]);
+        assert_eq!(ring.legacy().decrypts(), 2);
+        // A reload keeps the policy and the count.
+        let next = Keyring::from_keystore(crate::keystore::model::tests::fresh(), Arc::default())
+            .with_legacy(Arc::clone(ring.legacy()));
+        ring.legacy().refuse();
+        assert!(matches!(
+            next.decrypt(&ct, id.as_str()),
+            Err(KeyringError::LegacyRefused)
+        ));
+        assert!(matches!(
+            ring.decrypt_v1(&ct),
+            Err(KeyringError::LegacyRefused)
+        ));
+        assert_eq!(next.legacy().decrypts(), 2);
+        // Current formats are untouched by the refusal.
+        let (ct2, kid) = ring.encrypt(b"seed").expect("encrypt");
+        assert_eq!(&ring.decrypt(&ct2, kid.as_str()).expect("v2")[..], b"seed");
     }
 
     #[test]

@@ -245,9 +245,62 @@ pub fn parse(name: &str, text: &str) -> Result<Share, ShareError> {
     })
 }
 
-/// Rebuilds the identity file text from `shares` (name, share), checking they belong to one
-/// set, are enough, and rebuild the identity the set names.
-pub fn combine(shares: &[(String, Share)]) -> Result<Zeroizing<String>, ShareError> {
+/// What [`combine`] rebuilt, and which shares it left out and why (damaged data, or a header
+/// line altered), so the operator can replace them.
+pub struct Combined {
+    /// The identity file text.
+    pub identity: Zeroizing<String>,
+    /// Shares not used: (name, why).
+    pub left_out: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Combined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the identity.
+        f.debug_struct("Combined")
+            .field("left_out", &self.left_out)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most subsets of K shares tried to find K good ones among more than K given.
+const MAX_TRIES: usize = 20_000;
+
+/// The identity `data` (K share byte strings) rebuild, if it is the identity for `recipient`.
+fn rebuild(data: &[&[u8]], recipient: &str) -> Option<Zeroizing<String>> {
+    let raw: Zeroizing<Vec<Vec<u8>>> = Zeroizing::new(data.iter().map(|d| d.to_vec()).collect());
+    let secret = Zeroizing::new(vsss_rs::Gf256::combine_bytes(raw.as_slice()).ok()?);
+    let line = std::str::from_utf8(&secret).ok()?;
+    let mut text = Zeroizing::new(String::with_capacity(line.len() + 200));
+    text.push_str("# rebuilt by localkms recovery combine\n# public key: ");
+    text.push_str(recipient);
+    text.push('\n');
+    text.push_str(line);
+    text.push('\n');
+    (super::sealing::recipient_of(&text).as_deref() == Some(recipient)).then_some(text)
+}
+
+/// The next K-subset of 0..n after `idx` in lexicographic order, in place; false at the end.
+fn next_subset(idx: &mut [usize], n: usize) -> bool {
+    let k = idx.len();
+    for i in (0..k).rev() {
+        if idx[i] < n - k + i {
+            idx[i] += 1;
+            for j in i + 1..k {
+                idx[j] = idx[j - 1] + 1;
+            }
+            return true;
+        }
+    }
+    false
+}
+
+/// Rebuilds the identity file text from `shares` (name, share): they must come from one
+/// split (set id), and any K good ones among them are enough. A share whose header lines
+/// (threshold, shares, recipient) disagree with the rest of its set was altered, and one whose
+/// data does not fit the others is damaged: both are left out and named in
+/// [`Combined::left_out`].
+pub fn combine(shares: &[(String, Share)]) -> Result<Combined, ShareError> {
     let Some((first_name, first)) = shares.first() else {
         return Err(ShareError::TooFew {
             have: 0,
@@ -256,13 +309,8 @@ pub fn combine(shares: &[(String, Share)]) -> Result<Zeroizing<String>, ShareErr
             more: 2,
         });
     };
-    let mut seen = Vec::new();
     for (name, s) in shares {
-        if s.set != first.set
-            || s.threshold != first.threshold
-            || s.shares != first.shares
-            || s.recipient != first.recipient
-        {
+        if s.set != first.set {
             return Err(ShareError::MixedSets {
                 name: name.clone(),
                 theirs: s.set.clone(),
@@ -270,45 +318,98 @@ pub fn combine(shares: &[(String, Share)]) -> Result<Zeroizing<String>, ShareErr
                 ours: first.set.clone(),
             });
         }
-        if seen.contains(&s.number) {
+    }
+    // What the set says of itself, by majority: a share saying otherwise was altered.
+    let header = |s: &Share| (s.threshold, s.shares, s.recipient.clone());
+    let mut votes: Vec<((u8, u8, String), usize)> = Vec::new();
+    for (_, s) in shares {
+        match votes.iter_mut().find(|(h, _)| *h == header(s)) {
+            Some((_, n)) => *n += 1,
+            None => votes.push((header(s), 1)),
+        }
+    }
+    let (agreed, _) = votes
+        .iter()
+        .max_by_key(|(_, n)| *n)
+        .cloned()
+        .unwrap_or_else(|| (header(first), 1));
+    let (k, n, recipient) = agreed;
+    let mut left_out = Vec::new();
+    let mut good: Vec<&(String, Share)> = Vec::new();
+    for entry in shares {
+        let (name, s) = entry;
+        if header(s) != (k, n, recipient.clone()) {
+            left_out.push((
+                name.clone(),
+                format!(
+                    "altered: it says threshold {}, shares {}, recipient {}, but the other shares of set {} say threshold {k}, shares {n}, recipient {recipient}",
+                    s.threshold, s.shares, s.recipient, s.set
+                ),
+            ));
+            continue;
+        }
+        if good.iter().any(|(_, g)| g.number == s.number) {
             return Err(ShareError::Duplicate {
                 name: name.clone(),
                 number: s.number,
             });
         }
-        seen.push(s.number);
+        good.push(entry);
     }
-    let threshold = usize::from(first.threshold);
-    if shares.len() < threshold {
+    let threshold = usize::from(k);
+    if good.len() < threshold {
+        if let Some((name, why)) = left_out.first() {
+            return Err(ShareError::Malformed {
+                name: name.clone(),
+                why: format!(
+                    "{why}; without it there are {} good share(s), and {threshold} are needed",
+                    good.len()
+                ),
+            });
+        }
         return Err(ShareError::TooFew {
-            have: shares.len(),
+            have: good.len(),
             threshold,
-            shares: usize::from(first.shares),
-            more: threshold - shares.len(),
+            shares: usize::from(n),
+            more: threshold - good.len(),
         });
     }
-    let raw: Vec<Vec<u8>> = shares.iter().map(|(_, s)| s.data.clone()).collect();
-    let secret =
-        Zeroizing::new(
-            vsss_rs::Gf256::combine_bytes(&raw).map_err(|_| ShareError::Mismatch {
-                recipient: first.recipient.clone(),
-            })?,
-        );
-    let line = std::str::from_utf8(&secret).map_err(|_| ShareError::Mismatch {
-        recipient: first.recipient.clone(),
-    })?;
-    let mut text = Zeroizing::new(String::with_capacity(line.len() + 200));
-    text.push_str("# rebuilt by localkms recovery combine\n# public key: ");
-    text.push_str(&first.recipient);
-    text.push('\n');
-    text.push_str(line);
-    text.push('\n');
-    if super::sealing::recipient_of(&text).as_deref() != Some(first.recipient.as_str()) {
-        return Err(ShareError::Mismatch {
-            recipient: first.recipient.clone(),
-        });
+    // K good shares: the first subset of K that rebuilds the identity the set names.
+    let mut idx: Vec<usize> = (0..threshold).collect();
+    let mut found = None;
+    for _ in 0..MAX_TRIES {
+        let data: Vec<&[u8]> = idx.iter().map(|&i| good[i].1.data.as_slice()).collect();
+        if let Some(text) = rebuild(&data, &recipient) {
+            found = Some(text);
+            break;
+        }
+        if !next_subset(&mut idx, good.len()) {
+            break;
+        }
     }
-    Ok(text)
+    let Some(identity) = found else {
+        return Err(ShareError::Mismatch { recipient });
+    };
+    // Every other share is checked against K-1 of the good ones: one that does not fit is
+    // damaged, and named so it can be replaced.
+    let base: Vec<&[u8]> = idx[1..]
+        .iter()
+        .map(|&i| good[i].1.data.as_slice())
+        .collect();
+    for (i, (name, s)) in good.iter().map(|e| (&e.0, &e.1)).enumerate() {
+        if idx.contains(&i) {
+            continue;
+        }
+        let mut data = base.clone();
+        data.push(s.data.as_slice());
+        if rebuild(&data, &recipient).is_none() {
+            left_out.push((
+                name.clone(),
+                "damaged: its data does not fit the other shares".to_owned(),
+            ));
+        }
+    }
+    Ok(Combined { identity, left_out })
 }
 
 #[cfg(test)]
@@ -345,8 +446,9 @@ mod tests {
         assert_eq!(texts.len(), 5);
         for pick in [[0, 1, 2], [4, 2, 0], [1, 3, 4]] {
             let rebuilt = combine(&parsed(&texts, &pick)).expect("combine");
+            assert!(rebuilt.left_out.is_empty());
             assert_eq!(
-                super::super::sealing::recipient_of(&rebuilt).as_deref(),
+                super::super::sealing::recipient_of(&rebuilt.identity).as_deref(),
                 Some(recipient.as_str())
             );
         }
@@ -365,13 +467,44 @@ mod tests {
         let e = combine(&mixed).expect_err("mixed").to_string();
         assert!(e.contains("different splits"), "{e}");
 
-        // A damaged share is caught by the recipient check.
+        // K shares with one damaged: caught by the recipient check.
         let mut damaged = parsed(&texts, &[0, 1, 2]);
         damaged[2].1.data[5] ^= 0x55;
         assert!(matches!(
             combine(&damaged),
             Err(ShareError::Mismatch { .. })
         ));
+        // K good shares and a damaged one, in any position: rebuilt, the damaged one named.
+        for bad in 0..4 {
+            let mut four = parsed(&texts, &[0, 1, 2, 3]);
+            four[bad].1.data[3] ^= 0x01;
+            let rebuilt = combine(&four).expect("3 good of 4");
+            assert_eq!(
+                super::super::sealing::recipient_of(&rebuilt.identity).as_deref(),
+                Some(recipient.as_str())
+            );
+            assert_eq!(rebuilt.left_out.len(), 1, "bad {bad}");
+            assert_eq!(rebuilt.left_out[0].0, four[bad].0);
+            assert!(rebuilt.left_out[0].1.contains("damaged"));
+        }
+        // An altered threshold or recipient line is named as altered, not as another split.
+        let mut altered = parsed(&texts, &[0, 1, 2, 3, 4]);
+        altered[1].1.threshold = 2;
+        altered[3].1.recipient = "age1forged".into();
+        let rebuilt = combine(&altered).expect("3 good of 5");
+        let named: Vec<&str> = rebuilt.left_out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(named, [altered[1].0.as_str(), altered[3].0.as_str()]);
+        assert!(rebuilt
+            .left_out
+            .iter()
+            .all(|(_, why)| why.contains("altered")));
+        altered.truncate(4);
+        let e = combine(&altered).expect_err("2 good of 4").to_string();
+        assert!(
+            e.contains("altered") && e.contains("2 good share(s)"),
+            "{e}"
+        );
+        assert!(!e.contains("different splits"), "{e}");
     }
 
     #[test]

@@ -255,6 +255,8 @@ pub struct ServeConfig {
     pub metrics_allow_non_loopback: bool,
     /// Skip the keystore ownership and mode check (loudly).
     pub insecure_skip_file_checks: bool,
+    /// Refuse legacy format-1 ciphertexts (`--refuse-legacy-envelopes`).
+    pub refuse_legacy_envelopes: bool,
     /// Continuous backup of every keystore generation loaded (`--backup-dir`).
     pub backup: Option<crate::recovery::backup::BackupConfig>,
 }
@@ -473,6 +475,10 @@ pub async fn serve(
         .and_then(|root| RecordKey::derive(&root).map_err(KeystoreError::from))?;
     let usage = starting_usage(&prepared.store.usage_path(config.cache_dir.as_deref()));
     let (ring, store, root) = prepared.keyring(usage)?;
+    if config.refuse_legacy_envelopes {
+        ring.legacy().refuse();
+        tracing::info!("--refuse-legacy-envelopes: legacy format-1 ciphertexts are refused with FailedPrecondition");
+    }
     let generation = ring.generation();
     let primary = ring
         .primary_id()

@@ -15,7 +15,9 @@ pub fn code_for(err: &KeyringError) -> Code {
         | KeyringError::KeyIdMismatch { .. }
         | KeyringError::MissingKeyId => Code::InvalidArgument,
         KeyringError::UnknownKey(_) => Code::NotFound,
-        KeyringError::Disabled(_) | KeyringError::Destroyed { .. } => Code::FailedPrecondition,
+        KeyringError::Disabled(_)
+        | KeyringError::Destroyed { .. }
+        | KeyringError::LegacyRefused => Code::FailedPrecondition,
         KeyringError::NoPrimary => Code::Unavailable,
     }
 }

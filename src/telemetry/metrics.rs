@@ -363,6 +363,13 @@ impl Collector for StateCollector {
                 key_id: id.to_string(),
             })?)?;
         }
+        let legacy = encoder.encode_descriptor(
+            "localkms_legacy_envelope_decrypts",
+            "Decrypts of legacy format-1 ciphertexts (openable through both APIs) since start; once it stays at 0 after a full rewrite, serve with --refuse-legacy-envelopes",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(ring.legacy().decrypts()).encode(legacy)?;
         let mut reloads = encoder.encode_descriptor(
             "localkms_keystore_reloads",
             "Keystore reloads by result (ok, refused, failed)",

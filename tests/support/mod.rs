@@ -145,6 +145,7 @@ impl Serving {
             metrics_addr: None,
             metrics_allow_non_loopback: false,
             insecure_skip_file_checks: false,
+            refuse_legacy_envelopes: false,
             backup: None,
         };
         configure(&mut config);
