@@ -773,3 +773,74 @@ fn a_deleted_socket_is_bound_again_and_a_taken_over_one_stops_the_server() {
         "the intruder's socket is not removed by the server"
     );
 }
+
+/// One allowed uid opening more connections than its share (half of --max-connections, the
+/// same rule as the in-flight share) keeps them busy: its extra connections are closed at
+/// once, logged with its uid and counted, and another allowed uid is still served.
+#[test]
+fn one_uid_cannot_take_every_connection_slot() {
+    if !common::root_or_skip("running a client as another uid") {
+        return;
+    }
+    let ws = Workspace::new();
+    let port = common::free_port();
+    let server = ws.serve_with(&[
+        "--allow-uid",
+        "0,65534",
+        "--socket-mode",
+        "0666",
+        "--max-connections",
+        "8",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let ep = server.endpoint();
+    let mut hog = Command::new(bin())
+        .args([
+            "bench",
+            "--socket",
+            &ep,
+            "--op",
+            "status",
+            "--connections",
+            "12",
+        ])
+        .args(["--concurrency", "24", "--duration", "8s"])
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hog");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log_text().contains("already holds its share") {
+        assert!(
+            Instant::now() < deadline,
+            "no share refusal logged: {}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..5 {
+        let out = localkms(&["status", "--socket", &ep, "--timeout", "3s"]);
+        assert!(
+            out.status.success(),
+            "root is not served beside the hog: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let log = server.log_text();
+    assert!(
+        log.contains("uid=65534") && log.contains("share=4"),
+        "{log}"
+    );
+    let metrics = common::http_get(port, "/metrics").1;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("localkms_connection_share_refusals_total") && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    let _ = hog.kill();
+    let _ = hog.wait();
+}

@@ -175,9 +175,13 @@ async fn run_rebinding(
         shutdown.await;
         let _ = draining_tx.send(());
     };
-    let incoming = incoming::accept_stream(listener, rebound, limits.accept.clone(), move || {
-        metrics.rejected_peer()
-    });
+    let incoming = incoming::accept_stream(
+        listener,
+        rebound,
+        limits.accept.clone(),
+        limits.max_in_flight_share,
+        metrics,
+    );
     // HTTP/2 itself holds each connection to MAX_STREAMS_PER_CONNECTION streams; a tower
     // concurrency limit on top would only add a semaphore to every request.
     let serve = tonic::transport::Server::builder()

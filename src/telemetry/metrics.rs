@@ -73,6 +73,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily,
     rejected_peers: Counter,
+    share_refusals: Counter,
+    evictions: Counter,
     cluster_nodes: Gauge,
     cluster_converged: Gauge,
     backend_last_success: Gauge,
@@ -146,6 +148,18 @@ impl Metrics {
             "KMS request latency by API and method",
             duration.clone(),
         );
+        let share_refusals = Counter::default();
+        registry.register(
+            "localkms_connection_share_refusals",
+            "Connections closed at once because their peer uid already held its share of the connection slots (--max-in-flight-share of --max-connections)",
+            share_refusals.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "localkms_connection_evictions",
+            "Idle or handshaking connections closed to make room for a new one when every slot was taken",
+            evictions.clone(),
+        );
         let rejected_peers = Counter::default();
         registry.register(
             "localkms_rejected_peers",
@@ -188,6 +202,8 @@ impl Metrics {
             requests,
             duration,
             rejected_peers,
+            share_refusals,
+            evictions,
             cluster_nodes,
             cluster_converged,
             backend_last_success,
@@ -247,6 +263,16 @@ impl Metrics {
     /// Counts a connection refused by the peer check.
     pub fn rejected_peer(&self) {
         self.rejected_peers.inc();
+    }
+
+    /// Counts a connection refused for its uid's connection share.
+    pub fn share_refused(&self) {
+        self.share_refusals.inc();
+    }
+
+    /// Counts a connection evicted to make room.
+    pub fn evicted(&self) {
+        self.evictions.inc();
     }
 
     /// Current value of `localkms_requests_total` for one label set (for tests).
