@@ -57,6 +57,10 @@ pub(super) enum ShimError {
     /// [`MAX_DECODED_HEADERS_LEN`].
     #[error("request headers larger than {MAX_HEADER_BLOCK_LEN} bytes")]
     HeaderBlockTooLarge,
+    /// A header block with more fields than any real request, or a connection past its
+    /// budget of decoded fields (see `hpack_work`).
+    #[error("request headers cost more HPACK work than allowed ({0})")]
+    TooMuchHeaderWork(&'static str),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -122,6 +126,9 @@ pub(super) struct Rewriter {
     encoder: loona_hpack::Encoder<'static>,
     rewritten: u64,
     requests: u64,
+    /// Header fields decoded on this connection (its budget is
+    /// [`super::hpack_work::MAX_FIELDS_PER_CONNECTION`]).
+    fields_decoded: u64,
     /// Header blocks are still decoded. Cleared when a connection's first request carries a
     /// valid `:authority` (grpc-go, kube-apiserver >= 1.31 send `localhost`): from then on
     /// header frames pass through untouched and are only counted, so such a client pays no
@@ -159,6 +166,7 @@ impl Rewriter {
             encoder: loona_hpack::Encoder::new(),
             rewritten: 0,
             requests: 0,
+            fields_decoded: 0,
             inspect: true,
         }
     }
@@ -355,6 +363,21 @@ impl Rewriter {
             return Ok(());
         };
         self.requests += 1;
+        // The decoder's cost is per string, not per byte: check it before decoding, and count
+        // it against the connection.
+        use super::hpack_work::{cost, MAX_FIELDS_PER_BLOCK, MAX_FIELDS_PER_CONNECTION};
+        let work = cost(&block.fragment, MAX_FIELDS_PER_BLOCK);
+        if work.fields > MAX_FIELDS_PER_BLOCK {
+            return Err(ShimError::TooMuchHeaderWork(
+                "more than 256 header fields in one block",
+            ));
+        }
+        self.fields_decoded = self.fields_decoded.saturating_add(work.fields as u64);
+        if self.fields_decoded > MAX_FIELDS_PER_CONNECTION {
+            return Err(ShimError::TooMuchHeaderWork(
+                "this connection's budget of rewritten header fields is spent; reconnect",
+            ));
+        }
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut decoded = 0usize;
         let mut too_large = false;
@@ -950,7 +973,8 @@ mod tests {
         }
         block.push(n as u8);
         block.extend(std::iter::repeat_n(b'y', 4000));
-        block.extend(std::iter::repeat_n(0xbe, 5000)); // index 62: the entry just added
+        // Index 62, the entry just added: 250 references (under the field cap) decode to 1 MB.
+        block.extend(std::iter::repeat_n(0xbe, 250));
         let mut input = PREFACE.to_vec();
         let mut f = BytesMut::new();
         put_frame_header(&mut f, block.len().min(MAX_FRAME_LEN), TYPE_HEADERS, 0, 1);
@@ -982,6 +1006,135 @@ mod tests {
         f.put_u8(0x82);
         input.extend_from_slice(&f);
         assert!(matches!(rw.feed(&input), Err(ShimError::Hpack(_))));
+    }
+
+    /// One header block per stream, with `fields` (each a literal, new name, Huffman-coded).
+    fn block_frames(blocks: &[Vec<u8>]) -> Vec<u8> {
+        let mut input = PREFACE.to_vec();
+        for (i, block) in blocks.iter().enumerate() {
+            let mut f = BytesMut::new();
+            put_frame_header(
+                &mut f,
+                block.len(),
+                TYPE_HEADERS,
+                FLAG_END_HEADERS,
+                1 + 2 * i as u32,
+            );
+            f.extend_from_slice(block);
+            input.extend_from_slice(&f);
+        }
+        input
+    }
+
+    #[test]
+    fn header_work_is_capped_per_block_and_per_connection() {
+        let mut enc = loona_hpack::Encoder::new();
+        // A first request that needs rewriting keeps the connection on the decoding path.
+        let first = headers_frame(&mut enc, Some(b"/var/run/kms.sock"), 0);
+        let mut input = PREFACE.to_vec();
+        input.extend(&first);
+        // The CPU sink: 64 KiB of empty Huffman-coded names and values.
+        let bomb = [0x00u8, 0x80, 0x80].repeat(16_000);
+        let mut f = BytesMut::new();
+        let chunks: Vec<&[u8]> = bomb.chunks(MAX_FRAME_LEN).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let kind = if i == 0 {
+                TYPE_HEADERS
+            } else {
+                TYPE_CONTINUATION
+            };
+            let flags = if i + 1 == chunks.len() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            put_frame_header(&mut f, chunk.len(), kind, flags, 3);
+            f.extend_from_slice(chunk);
+        }
+        input.extend_from_slice(&f);
+        let mut rw = Rewriter::new();
+        assert!(matches!(
+            rw.feed(&input),
+            Err(ShimError::TooMuchHeaderWork(_))
+        ));
+        assert_eq!(rw.rewritten(), 1, "the first request was rewritten");
+
+        // Blocks at the per-block cap pass until the connection's budget is spent.
+        let field = [0x00u8, 0x01, b'a', 0x01, b'b']; // one field: literal name a, value b
+        let full = field.repeat(super::super::hpack_work::MAX_FIELDS_PER_BLOCK);
+        let per_block = super::super::hpack_work::MAX_FIELDS_PER_BLOCK as u64;
+        let allowed = super::super::hpack_work::MAX_FIELDS_PER_CONNECTION / per_block;
+        let mut rw = Rewriter::new();
+        rw.feed(&block_frames(&[enc_first()])).expect("first");
+        let mut result = Ok(());
+        let mut fed = 0u64;
+        while result.is_ok() && fed <= allowed + 1 {
+            let mut f = BytesMut::new();
+            put_frame_header(
+                &mut f,
+                full.len(),
+                TYPE_HEADERS,
+                FLAG_END_HEADERS,
+                5 + 2 * fed as u32,
+            );
+            f.extend_from_slice(&full);
+            result = rw.feed(&f);
+            rw.output().clear();
+            fed += 1;
+        }
+        assert!(
+            matches!(result, Err(ShimError::TooMuchHeaderWork(_))),
+            "{result:?}"
+        );
+        assert!(
+            fed > allowed - 2,
+            "the budget allows about {allowed} full blocks, got {fed}"
+        );
+    }
+
+    fn enc_first() -> Vec<u8> {
+        let mut enc = loona_hpack::Encoder::new();
+        enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"/var/run/kms.sock"),
+        ])
+    }
+
+    proptest::proptest! {
+        /// A rewritten header block decodes to the same header list apart from `:authority`,
+        /// over a whole connection (the re-encoder's dynamic table stays in step).
+        #[test]
+        fn a_rewritten_block_keeps_every_other_header(
+            requests in proptest::collection::vec(
+                proptest::collection::vec(("[a-z-]{1,12}", "[ -~]{0,40}"), 0..12),
+                1..6,
+            ),
+            authority in "(/[a-z]{1,10}){1,3}\\.sock",
+        ) {
+            let mut enc = loona_hpack::Encoder::new();
+            let mut input = PREFACE.to_vec();
+            let mut expected = Vec::new();
+            for (i, extra) in requests.iter().enumerate() {
+                let mut hs: Vec<(Vec<u8>, Vec<u8>)> = vec![
+                    (b":method".to_vec(), b"POST".to_vec()),
+                    (b":authority".to_vec(), authority.clone().into_bytes()),
+                ];
+                hs.extend(extra.iter().map(|(n, v)| (n.clone().into_bytes(), v.clone().into_bytes())));
+                let block = enc.encode(hs.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+                let mut f = BytesMut::new();
+                put_frame_header(&mut f, block.len(), TYPE_HEADERS, FLAG_END_HEADERS, 1 + 2 * i as u32);
+                f.extend_from_slice(&block);
+                input.extend_from_slice(&f);
+                for (n, v) in hs {
+                    let v = if n == b":authority" { REPLACEMENT.to_vec() } else { v };
+                    expected.push((n, v));
+                }
+            }
+            let mut rw = Rewriter::new();
+            rw.feed(&input).expect("feed");
+            let out = rw.output().to_vec();
+            proptest::prop_assert_eq!(decode_output(&out), expected);
+        }
     }
 
     #[test]

@@ -2,9 +2,22 @@
 
 mod authority;
 
-/// The request path's pieces, exposed for the criterion benches (`benches/hot_path.rs`) only.
+/// The request path's pieces, exposed for the criterion benches (`benches/hot_path.rs`) and
+/// the fuzz targets (`fuzz/`) only.
 #[doc(hidden)]
 pub mod bench_support {
+    /// Runs a fresh `:authority` shim over `client_bytes` fed in pieces of `chunk` bytes (as
+    /// reads split them); the bytes handed to the HTTP/2 server, or `None` when the shim
+    /// refused the connection. For the `authority_rewrite` fuzz target.
+    pub fn shim_in_pieces(client_bytes: &[u8], chunk: usize) -> Option<Vec<u8>> {
+        let mut rw = super::authority::Rewriter::new();
+        for piece in client_bytes.chunks(chunk.max(1)) {
+            rw.feed(piece).ok()?;
+        }
+        rw.finish();
+        Some(rw.output().to_vec())
+    }
+
     /// Runs a fresh `:authority` shim over one connection's client bytes; returns the bytes
     /// it hands to the HTTP/2 server (0 on a framing error).
     pub fn shim(client_bytes: &[u8]) -> usize {
@@ -24,6 +37,7 @@ pub mod bench_support {
     }
 }
 mod guard;
+mod hpack_work;
 mod incoming;
 mod preflight;
 pub mod socket;
