@@ -43,6 +43,44 @@ const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 
+/// At most one log line a second for connections closed for broken framing or header limits,
+/// with the count since the last: a client reconnecting in a loop must not flood the log.
+static BROKEN_CONNECTIONS: LogThrottle = LogThrottle::new();
+
+/// A process-wide once-a-second log throttle with a count of what it held back.
+struct LogThrottle {
+    last_s: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    const fn new() -> Self {
+        LogThrottle {
+            last_s: std::sync::atomic::AtomicU64::new(0),
+            held: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one event; the count to log when a line is due this second.
+    fn due(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.held.fetch_add(1, Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_s.load(Relaxed);
+        if now > last
+            && self
+                .last_s
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.held.swap(0, Relaxed));
+        }
+        None
+    }
+}
+
 /// Why the shim closed a connection: the client broke HTTP/2 framing or HPACK, which the
 /// HTTP/2 server would have rejected too.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -717,7 +755,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
             // Request bodies carry plaintext DEKs: do not leave them on the stack.
             scratch[..filled].zeroize();
             if let Err(e) = result {
-                tracing::warn!(error = %e, "closing a connection that broke HTTP/2 framing");
+                if let Some(closed) = BROKEN_CONNECTIONS.due() {
+                    let (uid, pid) = this
+                        .ticket
+                        .as_ref()
+                        .and_then(|(t, _)| t.peer)
+                        .map_or((None, None), |p| (Some(p.uid), p.pid));
+                    tracing::warn!(error = %e, uid, pid, closed, "closing a connection that broke HTTP/2 framing or its header limits (closed counts those since the last such message)");
+                }
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
         }
@@ -1024,6 +1069,17 @@ mod tests {
             input.extend_from_slice(&f);
         }
         input
+    }
+
+    #[test]
+    fn the_broken_connection_log_is_throttled_with_a_count() {
+        let t = LogThrottle::new();
+        assert_eq!(t.due(), Some(1), "the first is logged");
+        let held: Vec<_> = (0..1000).filter_map(|_| t.due()).collect();
+        assert!(
+            held.len() <= 1,
+            "at most one more line within a second: {held:?}"
+        );
     }
 
     #[test]
