@@ -8,6 +8,11 @@ use localkms::cli::recovery::RecoveryError;
 use localkms::cli::{hardening, Cli};
 use localkms::telemetry::{self, LogFormat};
 
+/// Freed memory is wiped: request plaintexts pass through buffers of tonic, h2 and prost
+/// that would otherwise keep them after the call (see `crypto::WipeOnFree`).
+#[global_allocator]
+static ALLOCATOR: localkms::crypto::WipeOnFree = localkms::crypto::WipeOnFree;
+
 fn main() -> std::process::ExitCode {
     // Before anything is opened: a closed stdin/stdout/stderr must not be reused by a file.
     hardening::ensure_std_fds();

@@ -3,7 +3,7 @@
 //! Each key gets a page of its own, so it can be `mlock`ed (never swapped) and marked
 //! `MADV_DONTDUMP` (left out of core dumps) without affecting anything else, and unlocked on
 //! drop without unlocking a neighbour. Where the memlock limit forbids locking, the key still
-//! works and one warning says so. This is the crate's only `unsafe` code.
+//! works and one warning says so. With `wipe_on_free`, one of the crate's two `unsafe` modules.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,11 +9,13 @@ pub mod envelope;
 mod key;
 mod locked;
 mod mac;
+mod wipe_on_free;
 
 pub use aead::{derive_key, open_in_place, seal_in_place, NONCE_LEN, TAG_LEN};
 pub use key::{fill_random, SecretKey, KEY_LEN};
 pub use locked::can_lock_keys;
 pub use mac::MacKey;
+pub use wipe_on_free::WipeOnFree;
 
 /// A failure inside a primitive: the OS random source or the AEAD refused to work.
 ///
