@@ -2,7 +2,8 @@
 //! 1,500 Encrypt and Decrypt calls have finished and their connections have closed, a scan of
 //! the live server's writable memory (`/proc/PID/mem`, which needs root) finds none of 50
 //! distinctive plaintexts, while it finds the positive controls: the primary KEK once (its
-//! locked page) and a marker the server keeps on purpose (its socket path).
+//! locked page) and a marker the server keeps on purpose (its socket path). The KEK and the
+//! root key appear at most once in any form (raw, or XORed with an HMAC pad).
 //!
 //! Runs as root (CI does); otherwise SKIPPED, or a failure when LOCALKMS_REQUIRE_ROOT is set.
 
@@ -138,18 +139,44 @@ async fn request_plaintexts_do_not_outlive_their_calls_in_server_memory() {
         .map(|m| m.expose().to_vec())
         .expect("primary material");
 
+    // The root key file holds the 32 raw bytes (`init` writes them so).
+    let root_key = std::fs::read(&ws.root_key).expect("root key");
+    assert_eq!(root_key.len(), 32);
+    let xored = |key: &[u8], pad: u8| key.iter().map(|b| b ^ pad).collect::<Vec<u8>>();
+
     let regions = writable_memory(server.child.id());
     let mut needles = plaintexts.clone();
-    needles.push(kek);
-    needles.push(marker.into_bytes());
+    // After the 50 plaintexts: the KEK raw and XORed with each HMAC pad, the root key raw and
+    // XORed, and the marker.
+    needles.extend([
+        kek.clone(),
+        xored(&kek, 0x36),
+        xored(&kek, 0x5c),
+        root_key.clone(),
+        xored(&root_key, 0x36),
+        xored(&root_key, 0x5c),
+        marker.into_bytes(),
+    ]);
     let counts = occurrences(&regions, &needles);
-    let (marker_seen, rest) = counts.split_last().expect("marker");
-    let (kek_seen, plain_seen) = rest.split_last().expect("kek");
+    let (plain_seen, controls) = counts.split_at(plaintexts.len());
+    let [kek_raw, kek_ipad, kek_opad, root_raw, root_ipad, root_opad, marker_seen] = controls
+    else {
+        panic!("seven controls");
+    };
     assert!(
         *marker_seen >= 1,
         "the scan must find the marker the server keeps"
     );
-    assert_eq!(*kek_seen, 1, "the KEK once, in its locked page");
+    assert_eq!(*kek_raw, 1, "the KEK once, in its locked page");
+    assert_eq!(
+        kek_ipad + kek_opad,
+        0,
+        "no copy of the KEK XORed with an HMAC pad outside its page"
+    );
+    assert!(
+        root_raw + root_ipad + root_opad <= 1,
+        "the root key at most once, in any form ({root_raw} raw, {root_ipad} + {root_opad} XORed)"
+    );
     let found = plain_seen.iter().filter(|n| **n > 0).count();
     assert_eq!(
         found, 0,
