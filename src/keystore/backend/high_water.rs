@@ -32,6 +32,31 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Reads a node's small JSON state file at `path` (`what` it should be, for the message): none
+/// when it does not exist, and an error naming it when it cannot be read or parsed, which is
+/// never taken as absent.
+pub(super) fn read_state<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> Result<Option<T>, KeystoreError> {
+    match crate::keystore::read_regular(path, 64 * 1024) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| KeystoreError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("not {what} ({e}); move it aside only if you know why it is wrong"),
+                ),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(KeystoreError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// A node's high-water mark for one keystore.
 pub struct HighWater {
     path: PathBuf,
@@ -52,22 +77,7 @@ impl HighWater {
     }
 
     fn read(&self) -> Result<Option<Mark>, KeystoreError> {
-        match crate::keystore::read_regular(&self.path, 64 * 1024) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| KeystoreError::Io {
-                    path: self.path.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("not a high-water state file ({e}); move it aside only if you know why it is wrong"),
-                    ),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(KeystoreError::Io {
-                path: self.path.clone(),
-                source,
-            }),
-        }
+        read_state(&self.path, "a high-water state file")
     }
 
     /// Refuses `ks` (read from `location`) when it is another keystore than the one this node

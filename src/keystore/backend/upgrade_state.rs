@@ -79,20 +79,7 @@ impl UpgradeState {
     }
 
     fn read(&self) -> Result<Option<State>, KeystoreError> {
-        match crate::keystore::read_regular(&self.path, 64 * 1024) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| KeystoreError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("not an upgrade state file ({e}); move it aside only if you know why it is wrong"),
-                ),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(KeystoreError::Io {
-                path: self.path.clone(),
-                source,
-            }),
-        }
+        super::high_water::read_state(&self.path, "an upgrade state file")
     }
 
     /// Whether the file records the keystore `keystore_id` as finalized under `root`.
