@@ -844,3 +844,65 @@ fn one_uid_cannot_take_every_connection_slot() {
     let _ = hog.kill();
     let _ = hog.wait();
 }
+
+/// Rapid-reset clients (streams opened and reset at once, reconnecting): the HTTP/2 library's
+/// per-connection warning does not reach the log 30 times for 30 connections.
+#[test]
+fn rapid_reset_clients_do_not_flood_the_log() {
+    let ws = Workspace::new();
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(&ws.socket)
+        .args(ws.keystore_args())
+        .env("LOCALKMS_LOG_LEVEL", "info");
+    let log = ws.dir.path().join("reset.log");
+    let child = cmd
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve");
+    let mut server = Server {
+        child,
+        socket: ws.socket.clone(),
+        log: log.clone(),
+    };
+    Server::wait_socket_ready(&ws.socket, &mut server.child);
+    let lit = |n: &[u8], v: &[u8]| {
+        let mut f = vec![0u8, n.len() as u8];
+        f.extend_from_slice(n);
+        f.push(v.len() as u8);
+        f.extend_from_slice(v);
+        f
+    };
+    let mut headers = Vec::new();
+    for (n, v) in [
+        (&b":method"[..], &b"POST"[..]),
+        (b":scheme", b"http"),
+        (b":path", b"/v2.KeyManagementService/Status"),
+        (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"),
+    ] {
+        headers.extend(lit(n, v));
+    }
+    for _ in 0..30 {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&ws.socket) else {
+            continue;
+        };
+        let mut data = raw_h2::PREFACE.to_vec();
+        data.extend(raw_h2::frame(4, 0, 0, &[]));
+        for i in 0..200u32 {
+            let sid = 1 + 2 * i;
+            data.extend(raw_h2::frame(1, 4, sid, &headers));
+            data.extend(raw_h2::frame(3, 0, sid, &8u32.to_be_bytes()));
+        }
+        let _ = s.write_all(&data);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(common::blocking_status_ok(&ws.socket), "still serving");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let warnings = text.lines().filter(|l| l.contains("WARN")).count();
+    assert!(
+        warnings <= 3,
+        "{warnings} warnings for 30 connections:\n{text}"
+    );
+}

@@ -83,8 +83,11 @@ pub fn log_directives(level: &str) -> Result<String, BadLogLevel> {
         level.to_owned()
     } else {
         match level.to_ascii_lowercase().as_str() {
+            // The HTTP/2 library logs one warning per misbehaving connection (a rapid-reset
+            // client gets one each time it reconnects), which a client could use to flood the
+            // log: it is kept to errors unless a filter asks for more (`h2=warn`).
             "error" | "warn" | "info" | "debug" | "trace" | "off" => {
-                format!("warn,localkms={}", level.to_ascii_lowercase())
+                format!("warn,h2=error,localkms={}", level.to_ascii_lowercase())
             }
             _ => return Err(BadLogLevel(level.to_owned())),
         }
@@ -96,7 +99,8 @@ pub fn log_directives(level: &str) -> Result<String, BadLogLevel> {
 /// Sends `tracing` output to stderr. `RUST_LOG` wins when set; otherwise `level` (already
 /// checked by [`log_directives`]) applies.
 pub fn init_logging(format: LogFormat, level: &str) {
-    let directives = log_directives(level).unwrap_or_else(|_| "warn,localkms=info".to_owned());
+    let directives =
+        log_directives(level).unwrap_or_else(|_| "warn,h2=error,localkms=info".to_owned());
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&directives))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -121,7 +125,7 @@ mod tests {
     fn log_levels_are_checked() {
         assert_eq!(
             log_directives("debug").expect("debug"),
-            "warn,localkms=debug"
+            "warn,h2=error,localkms=debug"
         );
         assert_eq!(
             log_directives("localkms=debug,h2=info").expect("filter"),
