@@ -28,7 +28,8 @@ struct Mark {
     keystore_id: Option<String>,
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex, as the state files hold ids.
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -154,17 +155,19 @@ impl HighWater {
             write_id: hex(&write_id),
             keystore_id: keystore_id.map(|id| hex(&id)),
         };
-        let bytes = serde_json::to_vec_pretty(&mark).unwrap_or_default();
-        file::write_atomically(
-            &self.path,
-            &file::temp_prefix(&self.path),
-            &bytes,
-            true,
-            || {},
-        )
-        .map_err(|source| KeystoreError::Io {
-            path: self.path.clone(),
-            source,
-        })
+        write_state(&self.path, &mark)
     }
+}
+
+/// Writes a node's JSON state file at `path` atomically, 0600 (the counterpart of
+/// [`read_state`]).
+pub(super) fn write_state<T: Serialize>(path: &Path, state: &T) -> Result<(), KeystoreError> {
+    // A plain struct of strings and numbers serializes infallibly.
+    let bytes = serde_json::to_vec_pretty(state).unwrap_or_default();
+    file::write_atomically(path, &file::temp_prefix(path), &bytes, true, || {}).map_err(|source| {
+        KeystoreError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::file;
+use super::high_water::hex;
 use super::KeystoreLocation;
 use crate::crypto::MacKey;
 use crate::keystore::format::{FORMAT_VERSION, PRE_FINALIZE_FORMAT};
@@ -44,10 +44,6 @@ impl State {
         )
         .into_bytes()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// This node's upgrade state for one keystore.
@@ -156,18 +152,7 @@ impl UpgradeState {
             mac: String::new(),
         };
         state.mac = MacKey::derive(root.key(), LABEL)?.sign_hex(&state.signed_bytes());
-        let bytes = serde_json::to_vec_pretty(&state).unwrap_or_default();
-        file::write_atomically(
-            &self.path,
-            &file::temp_prefix(&self.path),
-            &bytes,
-            true,
-            || {},
-        )
-        .map_err(|source| KeystoreError::Io {
-            path: self.path.clone(),
-            source,
-        })
+        super::high_water::write_state(&self.path, &state)
     }
 }
 
