@@ -850,23 +850,8 @@ fn one_uid_cannot_take_every_connection_slot() {
 #[test]
 fn rapid_reset_clients_do_not_flood_the_log() {
     let ws = Workspace::new();
-    let mut cmd = Command::new(bin());
-    cmd.arg("serve")
-        .arg("--socket")
-        .arg(&ws.socket)
-        .args(ws.keystore_args())
-        .env("LOCALKMS_LOG_LEVEL", "info");
-    let log = ws.dir.path().join("reset.log");
-    let child = cmd
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("serve");
-    let mut server = Server {
-        child,
-        socket: ws.socket.clone(),
-        log: log.clone(),
-    };
-    Server::wait_socket_ready(&ws.socket, &mut server.child);
+    // The default level, not the harness's debug: the default filter is what is tested.
+    let server = ws.serve_with(&["--log-level", "info"]);
     let lit = |n: &[u8], v: &[u8]| {
         let mut f = vec![0u8, n.len() as u8];
         f.extend_from_slice(n);
@@ -899,7 +884,7 @@ fn rapid_reset_clients_do_not_flood_the_log() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(common::blocking_status_ok(&ws.socket), "still serving");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = server.log_text();
     let warnings = text.lines().filter(|l| l.contains("WARN")).count();
     assert!(
         warnings <= 3,
